@@ -1,0 +1,121 @@
+"""The native backend: `oreal._C` (csrc/), C++ kernels for CPU tensors and CUDA kernels for CUDA tensors.
+
+Implements the internal contract of `oreal.ops.torch_backend` (same signatures and semantics).
+The extension registers two torch.library custom ops, `torch.ops.oreal_native.*`; this module adds
+what torch needs around them, so that they work under autograd and `torch.compile`:
+
+- fake (meta) implementations, giving output shapes without running anything;
+- an autograd formula for `linear_logprob_loss_fwd`. The op computes the gradients of the loss
+  w.r.t. `hidden` and `weight` during its forward, chunk by chunk; backward only scales them by
+  the incoming gradient of the loss. In eager mode it scales in place, so that the fp32 weight
+  gradient (as large as the weight) is never held twice; a second backward through the same graph
+  is then refused by autograd's saved-tensor version check.
+
+Import never fails when the extension is missing: `unavailable_reason` says why instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from oreal import _C
+except ImportError as exc:  # not built: pip install --no-build-isolation -e .
+    _C = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """None if the native kernels can run on `device`, else a sentence saying why not."""
+    device = torch.device(device)
+    if _C is None:
+        return (f"the extension oreal._C is not built ({_IMPORT_ERROR}); build it with "
+                "`pip install --no-build-isolation -e .` (needs torch importable at build time)")
+    if device.type == "cpu":
+        return None
+    if device.type == "cuda":
+        if not _C.with_cuda:
+            return ("oreal._C was built without CUDA kernels (torch without CUDA, no nvcc found, or "
+                    "OREAL_SKIP_CUDA_BUILD=1); rebuild with nvcc available")
+        return None
+    return f"oreal._C has kernels for CPU and CUDA tensors only, got {device.type}"
+
+
+def _require_built() -> None:
+    if _C is None:
+        raise RuntimeError(unavailable_reason(torch.device("cpu")))
+
+
+if _C is not None:
+
+    @torch.library.register_fake("oreal_native::linear_logprob_loss_fwd")
+    def _linear_logprob_loss_fwd_fake(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature,
+                                      chunk_size, grad_hidden, grad_weight):
+        num_tokens = hidden.shape[0]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        return (
+            hidden.new_empty((), **f32),
+            hidden.new_empty((num_tokens,), **f32),
+            hidden.new_empty((num_tokens,), **f32),
+            hidden.new_empty(tuple(hidden.shape) if grad_hidden else (0,)),
+            hidden.new_empty(tuple(weight.shape) if grad_weight else (0,), **f32),
+        )
+
+    @torch.library.register_fake("oreal_native::token_rm_weights")
+    def _token_rm_weights_fake(rm_scores, labels, cu_seqlens, is_positive):
+        return rm_scores.new_empty(rm_scores.shape, dtype=torch.float32)
+
+    def _setup_context(ctx, inputs, output):
+        hidden, weight = inputs[0], inputs[1]
+        _loss, logprobs, entropy, grad_hidden, grad_weight = output
+        ctx.mark_non_differentiable(logprobs, entropy, grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.hidden_dtype = hidden.dtype
+        ctx.weight_dtype = weight.dtype
+
+    def _backward(ctx, grad_loss, _grad_logprobs, _grad_entropy, _grad_gh, _grad_gw):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # In eager mode the saved gradients belong to this graph alone: scale them in place. Traced
+        # (torch.compile), stay functional and let the compiler plan the buffers.
+        in_place = not torch.compiler.is_compiling()
+        out_hidden = out_weight = None
+        if want_hidden and grad_hidden.dim() == 2:  # [0] when the op was told not to compute it
+            scale = grad_loss.to(grad_hidden.dtype)
+            out_hidden = grad_hidden.mul_(scale) if in_place else grad_hidden * scale
+        if want_weight and grad_weight.dim() == 2:
+            out_weight = grad_weight.mul_(grad_loss) if in_place else grad_weight * grad_loss
+            out_weight = out_weight.to(ctx.weight_dtype)
+        return out_hidden, out_weight, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("oreal_native::linear_logprob_loss_fwd", _backward,
+                                    setup_context=_setup_context)
+
+
+def linear_logprob_loss(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature=1.0,
+                        chunk_size=None):
+    """Token-weighted log-prob loss (see `oreal.ops.torch_backend`): (loss, logprobs, entropy)."""
+    _require_built()
+    grad_enabled = torch.is_grad_enabled()
+    want_hidden = grad_enabled and hidden.requires_grad
+    want_weight = grad_enabled and weight.requires_grad
+    if not isinstance(kl_weight, torch.Tensor):
+        kl_weight = torch.tensor(float(kl_weight), dtype=torch.float32, device=hidden.device)
+    loss, logprobs, entropy, _, _ = torch.ops.oreal_native.linear_logprob_loss_fwd(
+        hidden, weight, labels, pg_coef, ref_logprobs, kl_weight.to(torch.float32), float(temperature),
+        int(chunk_size or 0), want_hidden, want_weight)
+    return loss, logprobs, entropy
+
+
+def token_rm_weights(rm_scores, labels, cu_seqlens, is_positive):
+    """Per-token importance weights `w_t` `[T]` fp32 (see `oreal.ops.token_weights`)."""
+    _require_built()
+    return torch.ops.oreal_native.token_rm_weights(rm_scores, labels, cu_seqlens, is_positive)
+
+
+def default_chunk_size(num_tokens: int, vocab_size: int, on_cuda: bool = False) -> int:
+    """Rows per chunk the kernels use when `chunk_size` is None."""
+    _require_built()
+    return _C.default_chunk_size(num_tokens, vocab_size, on_cuda)

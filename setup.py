@@ -1,0 +1,141 @@
+"""Build and install the OREAL trainer.
+
+Installs two import packages: `oreal` (the trainer, losses, rewards) and `oreal_kernels`
+(the Triton kernels, kept in the top-level `kernels/` folder; a top-level import name
+`kernels` would clash with the PyPI package of that name that transformers probes for).
+The native extension `oreal._C` (csrc/) is added by `native_extensions()` below.
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "torch>=2.8",
+    "triton>=3.4",
+    "numpy",
+    "transformers>=4.50",
+    "tokenizers",
+    "safetensors",
+    "sympy>=1.13",
+    "tqdm",
+    "tensorboard",
+    "matplotlib",
+]
+
+DEV_REQUIRES = [
+    "pytest",
+    "pytest-timeout",
+    "liger-kernel",
+    "packaging",
+    "math-verify[antlr4_13_2]",
+]
+
+
+def native_extensions():
+    """The `oreal._C` extension (csrc/, see csrc/README.md): C++ CPU kernels, plus CUDA kernels when possible.
+
+    Builds the CUDA variant when torch has CUDA, nvcc is found and OREAL_SKIP_CUDA_BUILD is not 1;
+    otherwise the CPU variant. OREAL_CUDA_ARCHS (default "8.0;9.0") becomes TORCH_CUDA_ARCH_LIST.
+    nvcc is looked up in CUDA_HOME, else /usr/local/cuda-<torch's CUDA version>, else /usr/local/cuda:
+    torch's own guess from the `nvcc` on PATH is wrong where that `nvcc` is a wrapper script. Headers
+    that ATen's CUDA headers include but a minimal toolkit lacks (cuBLAS, cuSPARSE) come from the
+    `nvidia` pip wheels torch depends on, added to CPATH. torch must be importable while building:
+    install with `pip install --no-build-isolation`. Without torch, or with OREAL_SKIP_NATIVE_BUILD=1,
+    nothing is built and `backend="native"` reports itself unavailable.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.environ.get("OREAL_SKIP_NATIVE_BUILD") == "1" or not os.path.isdir(os.path.join(here, "csrc")):
+        return [], {}
+    try:
+        import torch
+    except ImportError:
+        print("oreal: torch is not importable at build time, so oreal._C (backend='native') is not built; "
+              "install with `pip install --no-build-isolation ...`", file=sys.stderr)
+        return [], {}
+
+    def find_cuda_home():
+        candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+        if torch.version.cuda:
+            candidates.append(f"/usr/local/cuda-{torch.version.cuda}")
+        candidates.append("/usr/local/cuda")
+        for home in candidates:
+            if home and os.path.isfile(os.path.join(home, "bin", "nvcc")):
+                return home
+        return None
+
+    def wheel_dirs(leaf, marker):
+        """`nvidia/*/<leaf>` folders of the pip-installed CUDA wheels that hold `marker`."""
+        try:
+            import nvidia
+        except ImportError:
+            return []
+        found = []
+        for root in list(getattr(nvidia, "__path__", [])):
+            found += sorted(glob.glob(os.path.join(root, "*", leaf, marker)))
+        return found
+
+    with_cuda = False
+    cuda_home = None
+    if os.environ.get("OREAL_SKIP_CUDA_BUILD") != "1" and torch.version.cuda:
+        cuda_home = find_cuda_home()
+        with_cuda = cuda_home is not None
+        if not with_cuda:
+            print("oreal: torch has CUDA but no nvcc was found (set CUDA_HOME); building the CPU kernels only",
+                  file=sys.stderr)
+    if with_cuda:
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when it is imported
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("OREAL_CUDA_ARCHS", "8.0;9.0"))
+        headers = [os.path.dirname(h) for h in wheel_dirs("include", "cublas_v2.h")]
+        cpath = [p for p in os.environ.get("CPATH", "").split(os.pathsep) if p]
+        os.environ["CPATH"] = os.pathsep.join(cpath + [h for h in headers if h not in cpath])
+
+    from torch.utils import cpp_extension
+
+    if with_cuda:
+        cpp_extension.CUDA_HOME = cuda_home  # in case cpp_extension was imported before we set it
+    sources = ["csrc/bindings.cpp", "csrc/linear_logprob.cpp", "csrc/cpu_kernels.cpp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is torch's default
+    link_flags = ["-fopenmp"]
+    if with_cuda:
+        cublas = wheel_dirs("lib", "libcublas.so*") + sorted(glob.glob(os.path.join(cuda_home, "lib64", "libcublas.so*")))
+        if not cublas:
+            raise RuntimeError("oreal: building the CUDA kernels needs libcublas (from torch's nvidia wheels or "
+                               "CUDA_HOME/lib64); set OREAL_SKIP_CUDA_BUILD=1 to build the CPU kernels only")
+        extension = cpp_extension.CUDAExtension(
+            name="oreal._C",
+            sources=sources + ["csrc/cuda_host.cpp", "csrc/cuda_kernels.cu"],
+            extra_compile_args={"cxx": cxx_flags + ["-DOREAL_WITH_CUDA"],
+                                "nvcc": ["-O3", "-DOREAL_WITH_CUDA"]},
+            extra_link_args=link_flags + [cublas[0]],
+        )
+    else:
+        extension = cpp_extension.CppExtension(
+            name="oreal._C", sources=sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+    return [extension], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = native_extensions()
+
+setup(
+    name="oreal",
+    version="0.1.0",
+    description="Fast outcome-reward RL for math reasoning: OREAL, GRPO/DAPO and PPO with fused kernels",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["oreal", "oreal.*"]) + ["oreal_kernels"],
+    package_dir={"oreal_kernels": "kernels"},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"dev": DEV_REQUIRES},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={
+        "console_scripts": [
+            "oreal-train=oreal.train:main",
+            "oreal-judge=oreal.reward.cli:main",
+            "oreal-demo=oreal.demo:main",
+        ]
+    },
+)
