@@ -27,22 +27,26 @@ class Backend:
     name: str
     linear_logprob_loss: Callable
     token_rm_weights: Callable
+    linear_policy_loss: Callable | None = None  # the clipped surrogate; None where not written yet
 
 
 def _load_torch() -> Backend:
     from oreal.ops import token_weights, torch_backend
 
-    return Backend("torch", torch_backend.linear_logprob_loss, token_weights.token_rm_weights)
+    return Backend("torch", torch_backend.linear_logprob_loss, token_weights.token_rm_weights,
+                   torch_backend.linear_policy_loss)
 
 
 def _load_triton() -> Backend:
     module = importlib.import_module("oreal_kernels")
-    return Backend("triton", module.linear_logprob_loss, module.token_rm_weights)
+    return Backend("triton", module.linear_logprob_loss, module.token_rm_weights,
+                   getattr(module, "linear_policy_loss", None))
 
 
 def _load_native() -> Backend:
     module = importlib.import_module("oreal.ops.native")
-    return Backend("native", module.linear_logprob_loss, module.token_rm_weights)
+    return Backend("native", module.linear_logprob_loss, module.token_rm_weights,
+                   getattr(module, "linear_policy_loss", None))
 
 
 _LOADERS = {"torch": _load_torch, "triton": _load_triton, "native": _load_native}
@@ -71,18 +75,23 @@ def available_backends(device: torch.device) -> list[str]:
     return [name for name in NAMES if unavailable_reason(name, device) is None]
 
 
-def resolve(name: str, device: torch.device) -> Backend:
-    """The backend to run on `device`, or a ValueError that says why not and what is available."""
+def resolve(name: str, device: torch.device, op: str = "linear_logprob_loss") -> Backend:
+    """The backend to run `op` on `device`, or a ValueError that says why not and what is available."""
     if name == "auto":
         order = ("native", "triton", "torch") if device.type == "cuda" else ("native", "torch")
         for candidate in order:
             if unavailable_reason(candidate, device) is None:
-                return _LOADERS[candidate]()
-        raise ValueError(f"backend: no backend can run on {device}")
+                backend = _LOADERS[candidate]()
+                if getattr(backend, op) is not None:
+                    return backend
+        raise ValueError(f"backend: no backend can run {op} on {device}")
     if name not in _LOADERS:
         raise ValueError(f"backend: unknown backend {name!r}; choose one of {', '.join(NAMES + ('auto',))}")
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise ValueError(f"backend: {name!r} is unavailable on {device}: {reason}. "
                          f"Available here: {', '.join(available_backends(device))}")
-    return _LOADERS[name]()
+    backend = _LOADERS[name]()
+    if getattr(backend, op) is None:
+        raise ValueError(f"backend: {name!r} does not implement {op} yet; use 'torch' or 'auto'")
+    return backend

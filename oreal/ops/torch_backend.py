@@ -1,6 +1,6 @@
 """The readable torch backend of the fused linear + log-prob losses.
 
-All backends implement one internal contract, the *token-weighted log-prob loss*:
+All backends implement the same internal contract. The OREAL op, the *token-weighted log-prob loss*:
 
     linear_logprob_loss(hidden [T, H], weight [V, H], labels [T], pg_coef [T] fp32,
                         ref_logprobs [T] fp32 | None, kl_weight 0-d fp32, temperature)
@@ -12,9 +12,16 @@ with, for every action token t (labels_t != -100),
     loss   = sum_t  -pg_coef_t * lp_t  +  kl_weight * (exp(d_t) - d_t - 1),   d_t = ref_t - lp_t
     dL/dlp_t = g_t = -pg_coef_t + kl_weight * (1 - exp(d_t))
 
-`oreal.ops.loss` turns OREAL's per-sequence advantages, token-RM weights and token counts into
-`pg_coef`, so the kernels only see per-token numbers. `pg_coef`, `ref_logprobs` and `kl_weight`
-are constants for autograd.
+and the PPO/GRPO op, the *clipped surrogate* (`linear_policy_loss`), with per-token advantages `A_t`,
+old-policy log-probs, per-token scales `s_t` (the loss aggregation) and KL scales `k_t`:
+
+    r_t  = exp(lp_t - old_t)
+    loss = sum_t -s_t min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t) + k_t (exp(d_t) - d_t - 1)
+    g_t  = -s_t A_t r_t where the unclipped term is the minimum (0 where the clip is active)
+           + k_t (1 - exp(d_t))
+
+`oreal.ops.loss` turns sequence-level quantities into these per-token numbers, so kernels only see
+per-token inputs. All per-token inputs are constants for autograd.
 
 The gradients are computed in the forward pass, chunk by chunk, so the `[T, V]` logits never
 exist and nothing of size `V` is kept between forward and backward: per chunk of C tokens we form
@@ -36,25 +43,93 @@ def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
     return max(1, min(num_tokens, CHUNK_ELEMENTS // vocab_size))
 
 
-def per_token_terms(logprobs, pg_coef, ref_logprobs, kl_weight, valid):
-    """Per-token loss and its derivative with respect to the log-prob, both fp32, 0 where not valid."""
-    loss = -pg_coef * logprobs
-    grad = -pg_coef
-    if ref_logprobs is not None:
-        delta = ref_logprobs - logprobs
-        ratio = torch.exp(delta)
-        loss = loss + kl_weight * (ratio - delta - 1)
-        grad = grad + kl_weight * (1 - ratio)
-    return torch.where(valid, loss, 0.0), torch.where(valid, grad, 0.0)
-
-
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for bf16/fp16/fp32 inputs; fp64 inputs (used for gradcheck) stay in fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_forward_backward(h, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature):
-    """Loss, log-probs, entropy and the logit gradient `dz [C, V]` (fp32) of one chunk."""
+def kl_k3_terms(logprobs, ref_logprobs, kl_scale):
+    """k3 estimator of KL(pi || ref) per token, and its derivative with respect to lp."""
+    delta = ref_logprobs - logprobs
+    ratio = torch.exp(delta)
+    return kl_scale * (ratio - delta - 1), kl_scale * (1 - ratio)
+
+
+def _cast_tensors(fields: dict, dtype) -> dict:
+    return {name: value.to(dtype) for name, value in fields.items() if isinstance(value, torch.Tensor)}
+
+
+class OrealTerms:
+    """Per-token loss and dL/dlp of OREAL's loss (see the module docstring), chunk by chunk."""
+
+    def __init__(self, pg_coef, ref_logprobs, kl_weight):
+        self.pg_coef, self.ref_logprobs, self.kl_weight = pg_coef, ref_logprobs, kl_weight
+
+    def cast_(self, dtype):
+        """Moves the per-token inputs to the accumulation dtype, in place."""
+        self.__dict__.update(_cast_tensors(self.__dict__, dtype))
+
+    def __call__(self, logprobs, valid, start, end):
+        coef = self.pg_coef[start:end]
+        loss, grad = -coef * logprobs, -coef
+        if self.ref_logprobs is not None:
+            kl, kl_grad = kl_k3_terms(logprobs, self.ref_logprobs[start:end], self.kl_weight)
+            loss, grad = loss + kl, grad + kl_grad
+        return torch.where(valid, loss, 0.0), torch.where(valid, grad, 0.0)
+
+
+class ClippedSurrogateTerms:
+    """Per-token loss and dL/dlp of the PPO clipped surrogate; also gathers ratio statistics."""
+
+    def __init__(self, advantages, old_logprobs, token_scale, ref_logprobs, kl_scale, clip_low, clip_high):
+        self.advantages, self.old_logprobs, self.token_scale = advantages, old_logprobs, token_scale
+        self.ref_logprobs, self.kl_scale = ref_logprobs, kl_scale
+        self.clip_low, self.clip_high = clip_low, clip_high
+        self.clipped_tokens = self.ratio_sum = self.ratio_max = self.action_tokens = None
+
+    def cast_(self, dtype):
+        """Moves the per-token inputs to the accumulation dtype, in place."""
+        self.__dict__.update(_cast_tensors(self.__dict__, dtype))
+
+    def __call__(self, logprobs, valid, start, end):
+        adv, scale = self.advantages[start:end], self.token_scale[start:end]
+        ratio = torch.exp(logprobs - self.old_logprobs[start:end])
+        unclipped = ratio * adv
+        clipped = ratio.clamp(1 - self.clip_low, 1 + self.clip_high) * adv
+        use_unclipped = unclipped <= clipped
+        loss = -scale * torch.minimum(unclipped, clipped)
+        grad = torch.where(use_unclipped, -scale * unclipped, 0.0)  # d(r A)/dlp = r A
+        if self.ref_logprobs is not None:
+            kl, kl_grad = kl_k3_terms(logprobs, self.ref_logprobs[start:end], self.kl_scale[start:end])
+            loss, grad = loss + kl, grad + kl_grad
+        self._record(ratio, valid, ~use_unclipped)
+        return torch.where(valid, loss, 0.0), torch.where(valid, grad, 0.0)
+
+    def _record(self, ratio, valid, clip_active):
+        clipped = (clip_active & valid).sum()
+        ratio_sum = torch.where(valid, ratio, 0.0).sum()
+        ratio_max = torch.where(valid, ratio, 0.0).amax() if ratio.numel() else ratio.new_zeros(())
+        count = valid.sum()
+        if self.clipped_tokens is None:
+            self.clipped_tokens, self.ratio_sum, self.ratio_max, self.action_tokens = clipped, ratio_sum, ratio_max, count
+        else:
+            self.clipped_tokens = self.clipped_tokens + clipped
+            self.ratio_sum = self.ratio_sum + ratio_sum
+            self.ratio_max = torch.maximum(self.ratio_max, ratio_max)
+            self.action_tokens = self.action_tokens + count
+
+    def stats(self) -> dict:
+        """Detached statistics over this call's action tokens (no host synchronisation)."""
+        if self.action_tokens is None:  # no tokens at all
+            zero = self.advantages.new_zeros((), dtype=torch.float32)
+            return {"clip_fraction": zero, "ratio_mean": zero, "ratio_max": zero}
+        count = self.action_tokens.clamp(min=1).float()
+        return {"clip_fraction": self.clipped_tokens.float() / count, "ratio_mean": self.ratio_sum.float() / count,
+                "ratio_max": self.ratio_max.float()}
+
+
+def _chunk_forward_backward(h, weight, labels, terms, start, end, temperature):
+    """Loss, log-probs, entropy and the logit gradient `dz [C, V]` of one chunk."""
     valid = labels >= 0
     safe_labels = torch.where(valid, labels, 0).long()
     logits = (h @ weight.T).to(accumulation_dtype(h.dtype))
@@ -65,7 +140,7 @@ def _chunk_forward_backward(h, weight, labels, pg_coef, ref_logprobs, kl_weight,
     logprobs = logits.gather(1, safe_labels[:, None]).view(-1) - lse
     # entropy = lse - sum_v p_v z_v, summed in place over the logits buffer (no longer needed)
     entropy = lse - logits.mul_(probs).sum(-1)
-    loss, grad = per_token_terms(logprobs, pg_coef, ref_logprobs, kl_weight, valid)
+    loss, grad = terms(logprobs, valid, start, end)
     scale = grad / temperature
     dz = probs.mul_(-scale[:, None])  # reuse the probability buffer for the logit gradient
     dz.scatter_add_(1, safe_labels[:, None], scale[:, None])
@@ -74,27 +149,24 @@ def _chunk_forward_backward(h, weight, labels, pg_coef, ref_logprobs, kl_weight,
 
 class _LinearLogprobLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature, chunk_size):
+    def forward(ctx, hidden, weight, labels, terms, temperature, chunk_size):
         num_tokens = hidden.shape[0]
         vocab_size = weight.shape[0]
         chunk = chunk_size or default_chunk_size(num_tokens, vocab_size)
         want_hidden_grad = ctx.needs_input_grad[0]
         want_weight_grad = ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None
         acc = accumulation_dtype(hidden.dtype)
+        terms.cast_(acc)
+        grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_weight_grad else None
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         logprobs = torch.zeros(num_tokens, dtype=acc, device=hidden.device)
         entropy = torch.zeros(num_tokens, dtype=acc, device=hidden.device)
-        pg_coef = pg_coef.to(acc)
-        ref_logprobs = None if ref_logprobs is None else ref_logprobs.to(acc)
-        kl_weight = kl_weight.to(acc)
         for start in range(0, num_tokens, chunk):
             end = min(start + chunk, num_tokens)
             h = hidden[start:end]
-            ref = None if ref_logprobs is None else ref_logprobs[start:end]
             chunk_loss, logprobs[start:end], entropy[start:end], dz = _chunk_forward_backward(
-                h, weight, labels[start:end], pg_coef[start:end], ref, kl_weight, temperature)
+                h, weight, labels[start:end], terms, start, end, temperature)
             loss += chunk_loss
             if want_hidden_grad:
                 grad_hidden[start:end] = dz.to(weight.dtype) @ weight
@@ -112,11 +184,21 @@ class _LinearLogprobLoss(torch.autograd.Function):
             grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def linear_logprob_loss(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature=1.0,
                         chunk_size=None):
-    """Token-weighted log-prob loss over chunks of tokens (see the module docstring)."""
-    return _LinearLogprobLoss.apply(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight,
-                                    float(temperature), chunk_size)
+    """OREAL's token-weighted log-prob loss over chunks of tokens (see the module docstring)."""
+    terms = OrealTerms(pg_coef, ref_logprobs, kl_weight)
+    return _LinearLogprobLoss.apply(hidden, weight, labels, terms, float(temperature), chunk_size)
+
+
+def linear_policy_loss(hidden, weight, labels, advantages, old_logprobs, token_scale, ref_logprobs, kl_scale,
+                       clip_low, clip_high, temperature=1.0, chunk_size=None):
+    """PPO's clipped surrogate over chunks of tokens; returns (loss, logprobs, entropy, stats)."""
+    terms = ClippedSurrogateTerms(advantages, old_logprobs, token_scale, ref_logprobs, kl_scale,
+                                  float(clip_low), float(clip_high))
+    loss, logprobs, entropy = _LinearLogprobLoss.apply(hidden, weight, labels, terms, float(temperature),
+                                                       chunk_size)
+    return loss, logprobs, entropy, terms.stats()

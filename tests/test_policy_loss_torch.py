@@ -1,0 +1,91 @@
+"""The clipped-surrogate loss (`fused_policy_loss`) against its independent float64 reference."""
+
+import pytest
+import torch
+
+import oreal
+from loss_cases import make_case, relative_error
+from policy_reference import reference_policy_loss
+
+
+def _policy_case(seq_lens, hidden_size, vocab_size, seed, per_token=False):
+    case = make_case(seq_lens, hidden_size, vocab_size, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    # old log-probs near the current ones, so that some ratios fall inside the clip range and some outside
+    with torch.no_grad():
+        logits = case.hidden @ case.weight.T
+        current = torch.log_softmax(logits, -1).gather(1, case.labels.clamp(min=0)[:, None])[:, 0]
+    old = current + torch.randn(len(case.labels), generator=g) * 0.3
+    advantages = torch.randn(len(case.labels) if per_token else len(seq_lens), generator=g)
+    ref = current + torch.randn(len(case.labels), generator=g) * 0.2
+    return case, advantages, old, ref
+
+
+def _run(case, advantages, old, ref, backend="torch", **options):
+    hidden = case.hidden.clone().requires_grad_()
+    weight = case.weight.clone().requires_grad_()
+    out = oreal.fused_policy_loss(hidden, weight, case.labels, case.cu_seqlens, advantages, old, ref,
+                                  backend=backend, **options)
+    return out, torch.autograd.grad(out.loss, (hidden, weight))
+
+
+def _reference(case, advantages, old, ref, **options):
+    hidden = case.hidden.double().requires_grad_()
+    weight = case.weight.double().requires_grad_()
+    loss, lp, ent, clip_frac, ratio_mean, ratio_max = reference_policy_loss(
+        hidden, weight, case.labels, case.cu_seqlens, advantages, old, ref, **options)
+    return (loss.detach(), lp, ent, clip_frac, ratio_mean, ratio_max), torch.autograd.grad(loss, (hidden, weight))
+
+
+OPTIONS = {
+    "token_kl": dict(kl_coef=0.05),
+    "token_asymmetric_clip": dict(clip_low=0.2, clip_high=0.28),
+    "sequence": dict(loss_agg="sequence", kl_coef=0.02),
+    "global_count": dict(num_tokens=100, temperature=0.8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+@pytest.mark.parametrize("per_token", [False, True])
+def test_matches_float64_reference(name, per_token):
+    seed = torch.randint(0, 2**31 - 2, ()).item()
+    case, adv, old, ref = _policy_case([9, 1, 0, 17, 6], 16, 211, seed, per_token)
+    options = OPTIONS[name]
+    out, (gh, gw) = _run(case, adv, old, ref, **options)
+    (loss, lp, ent, clip_frac, ratio_mean, ratio_max), (rgh, rgw) = _reference(case, adv, old, ref, **options)
+    assert abs(float(out.loss) - float(loss)) <= 1e-5 * max(abs(float(loss)), 1e-3), seed
+    assert relative_error(gh, rgh) < 1e-4 and relative_error(gw, rgw) < 1e-4, seed
+    assert torch.allclose(out.logprobs.double(), lp, atol=1e-5)
+    assert torch.allclose(out.entropy.double(), ent, atol=1e-4)
+    assert abs(float(out.clip_fraction) - clip_frac) < 1e-6
+    assert abs(float(out.ratio_mean) - ratio_mean) < 1e-5
+    assert abs(float(out.ratio_max) - ratio_max) < 1e-5 * max(1.0, ratio_max)
+    assert 0 < clip_frac < 1  # the case exercises both branches
+
+
+def test_on_policy_gradient_equals_plain_policy_gradient():
+    """With old == current log-probs every ratio is 1, nothing is clipped, and the gradient is
+    the plain policy gradient of -mean(A lp)."""
+    case, adv, _, _ = _policy_case([12, 7], 10, 53, seed=3)
+    with torch.no_grad():
+        current = torch.log_softmax(case.hidden @ case.weight.T, -1).gather(1, case.labels.clamp(min=0)[:, None])[:, 0]
+    out, (gh, _) = _run(case, adv, current, None)
+    assert float(out.clip_fraction) == 0 and abs(float(out.ratio_mean) - 1) < 1e-5
+    hidden = case.hidden.clone().requires_grad_()
+    lp = torch.log_softmax(hidden @ case.weight.T, -1).gather(1, case.labels.clamp(min=0)[:, None])[:, 0]
+    seq = torch.repeat_interleave(torch.arange(2), torch.tensor([12, 7]))
+    action = case.labels != -100
+    expected = torch.autograd.grad(-(adv[seq] * lp)[action].sum() / action.sum(), hidden)[0]
+    assert torch.allclose(gh, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_inputs():
+    case, adv, old, ref = _policy_case([5, 4], 8, 31, seed=1)
+    with pytest.raises(ValueError, match="^advantages: expected"):
+        _run(case, torch.randn(3), old, ref)
+    with pytest.raises(ValueError, match="^loss_agg:"):
+        _run(case, adv, old, ref, loss_agg="tokens")
+    with pytest.raises(ValueError, match="^clip_low:"):
+        _run(case, adv, old, ref, clip_low=1.5)
+    with pytest.raises(ValueError, match="^old_logprobs:"):
+        _run(case, adv, old[:-1], ref)
