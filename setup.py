@@ -16,7 +16,7 @@ INSTALL_REQUIRES = [
     "torch>=2.8",
     "triton>=3.4",
     "numpy",
-    "transformers>=4.50",
+    "transformers>=4.56",
     "tokenizers",
     "safetensors",
     "sympy>=1.13",
