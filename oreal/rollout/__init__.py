@@ -21,10 +21,10 @@ oreal/rollout/vllm.py imports vLLM, and only when a vLLM engine is built.
 
 from __future__ import annotations
 
+import importlib
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from oreal.rollout.client import EngineClient
 from oreal.rollout.errors import (
     EngineBrokenError,
     EngineDiedError,
@@ -36,9 +36,28 @@ from oreal.rollout.errors import (
     WeightMismatchError,
 )
 from oreal.rollout.plan import SyncPlan, check_specs, plan_buckets
-from oreal.rollout.protocol import RolloutEngine
 from oreal.rollout.types import Rollout, SamplingParams, TensorSpec
-from oreal.rollout.weight_sync import DEFAULT_BUCKET_BYTES, WeightSyncer
+
+if TYPE_CHECKING:
+    from oreal.rollout.client import EngineClient
+    from oreal.rollout.protocol import RolloutEngine
+    from oreal.rollout.weight_sync import DEFAULT_BUCKET_BYTES, WeightSyncer
+
+# Imported on first use: the engine process imports this package too, and does not need
+# the trainer side (torch.distributed.tensor alone takes seconds to import on a busy host).
+_LAZY = {
+    "EngineClient": "oreal.rollout.client",
+    "RolloutEngine": "oreal.rollout.protocol",
+    "WeightSyncer": "oreal.rollout.weight_sync",
+    "DEFAULT_BUCKET_BYTES": "oreal.rollout.weight_sync",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'oreal.rollout' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_BUCKET_BYTES", "EngineBrokenError", "EngineClient", "EngineDiedError", "EngineError",
@@ -86,6 +105,8 @@ def build_engine(
         model = to_dict()
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
+    if isinstance(model, str) and not os.path.isdir(model):
+        raise FileNotFoundError(f"model path {model!r} is not a directory (checkpoints are never downloaded)")
     if kind == "vllm" and not isinstance(model, str):
         raise TypeError("a vLLM engine loads a checkpoint directory: pass its path as `model`")
     child_env = dict(env or {})
@@ -93,6 +114,8 @@ def build_engine(
         child_env["CUDA_VISIBLE_DEVICES"] = gpus
     backend_options = dict(model=model, dtype=dtype or ("float32" if kind == "hf" else "bfloat16"), seed=seed,
                            **options)
+    from oreal.rollout.client import EngineClient
+
     return EngineClient(kind, backend_options, startup_timeout_s=startup_timeout_s,
                         request_timeout_s=request_timeout_s, sync_timeout_s=sync_timeout_s,
                         control_timeout_s=control_timeout_s, sync_host=sync_host, env=child_env,

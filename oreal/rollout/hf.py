@@ -1,0 +1,254 @@
+"""The transformers engine: `generate` with sampling on CPU (or one GPU), in its own process.
+
+This backend runs inside the engine process (oreal/rollout/server.py). It samples with
+`model.generate(..., output_scores=True)` and reads each sampled token's log-probability from
+the processed scores, i.e. from the distribution the sampler really drew from. Prompts are
+grouped by length so no batch needs padding (padding changes the numerics of the real tokens;
+grouping keeps an engine's greedy output identical to an unpadded forward of the same
+weights).
+
+Weight syncs arrive over gloo, in one of two ways (`receive`):
+- "inplace" (default): on the first sync with a given bucket layout, the parameters are moved
+  (by name, once) into one flat storage laid out like the buckets; from then on every bucket
+  is received directly into the parameters, with no staging buffer and no copy.
+- "staged": two bucket buffers; bucket i+1 arrives while the pieces of bucket i are copied
+  into their parameters by name (what the vLLM workers do on GPU, through load_weights).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+
+from oreal.rollout.errors import EngineSyncError
+from oreal.rollout.plan import ALIGN_BYTES, Bucket, SyncPlan
+from oreal.rollout.transport import GlooTransport
+from oreal.rollout.types import EngineInfo, Rollout, SamplingParams, TensorSpec, dtype_from_name, dtype_name
+
+
+def build_hf_model(model, dtype: str, device: str, seed: int):
+    """A causal LM from a local path, a `transformers` config object or a config dict."""
+    import transformers
+
+    torch_dtype = dtype_from_name(dtype)
+    if isinstance(model, (str, os.PathLike)):
+        if not os.path.isdir(model):
+            raise FileNotFoundError(f"model path {model!r} is not a directory (downloads are not attempted)")
+        net = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+    else:
+        if isinstance(model, dict):
+            fields = dict(model)
+            config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+        else:
+            config = model
+        torch.manual_seed(seed)
+        net = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    return net.to(device).eval()
+
+
+class HFBackend:
+    """Owns the model inside the engine process; see the module docstring."""
+
+    kind = "hf"
+
+    def __init__(self, *, model, dtype: str = "float32", device: str = "cpu", seed: int = 0,
+                 num_threads: int | None = None, max_batch_rows: int = 64, receive: str = "inplace"):
+        if receive not in ("inplace", "staged"):
+            raise ValueError(f"receive must be 'inplace' or 'staged', got {receive!r}")
+        self.receive = receive
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.model = build_hf_model(model, dtype, device, seed)
+        self.device = torch.device(device)
+        self.max_batch_rows = max_batch_rows
+        self.generator_seed = seed
+        torch.manual_seed(seed)
+        self.params: dict[str, torch.nn.Parameter] = dict(self.model.named_parameters())
+        for name, p in self.params.items():
+            if not p.is_contiguous():  # pieces are copied into flat views of the parameters
+                p.data = p.data.contiguous()
+        cfg = self.model.generation_config
+        eos = cfg.eos_token_id if cfg is not None else None
+        self.model_eos = tuple(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
+        self.transport: GlooTransport | None = None
+        self._raw: list[torch.Tensor] = []
+        self._recv: list[torch.Tensor] = []
+        self._layout: tuple | None = None  # (plan layout key, flat storage, bucket byte offsets)
+        self.last_receive: str | None = None
+
+    # ----- description --------------------------------------------------------------------
+    def specs(self) -> dict[str, TensorSpec]:
+        return {n: TensorSpec(n, tuple(p.shape), dtype_name(p.dtype)) for n, p in self.params.items()}
+
+    def info(self) -> EngineInfo:
+        import transformers
+
+        return EngineInfo(kind=self.kind, pid=os.getpid(), transport="gloo", receivers=1, specs=self.specs(),
+                          versions={"torch": torch.__version__, "transformers": transformers.__version__})
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self.params.items()}
+
+    # ----- generation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Rollout]:
+        from transformers import GenerationConfig
+
+        stop_ids = list(dict.fromkeys([*sampling.stop_token_ids, *self.model_eos]))
+        stop_set = set(stop_ids)
+        # Greedy samples are identical: decode once per prompt and repeat it n times.
+        per_prompt = 1 if sampling.greedy else n
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, num_return_sequences=per_prompt, output_scores=True,
+                      return_dict_in_generate=True, eos_token_id=stop_ids or None,
+                      pad_token_id=stop_ids[0] if stop_ids else 0, use_cache=True)
+        if sampling.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p,
+                          top_k=sampling.top_k)
+        gen_config = GenerationConfig(**kwargs)
+
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompt {i} is empty")
+            by_length[len(p)].append(i)
+        out: dict[int, list[Rollout]] = {}
+        rows_per_call = max(1, self.max_batch_rows // per_prompt)
+        for length in sorted(by_length):
+            indices = by_length[length]
+            for lo in range(0, len(indices), rows_per_call):
+                chunk = indices[lo:lo + rows_per_call]
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed + chunk[0])
+                ids = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=self.device)
+                res = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                          generation_config=gen_config)
+                new = res.sequences[:, length:]
+                logps = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in res.scores], dim=1)
+                token_lp = logps.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+                for row in range(new.shape[0]):
+                    prompt_index = chunk[row // per_prompt]
+                    tokens = new[row].tolist()
+                    cut = next((t + 1 for t, tok in enumerate(tokens) if tok in stop_set), None)
+                    finish = "stop" if cut is not None else "length"
+                    cut = cut if cut is not None else len(tokens)
+                    logprobs = token_lp[row, :cut].tolist()
+                    for _ in range(n // per_prompt):
+                        samples = out.setdefault(prompt_index, [])
+                        samples.append(Rollout(prompt_index=prompt_index, sample_index=len(samples),
+                                               token_ids=tokens[:cut], logprobs=list(logprobs),
+                                               finish_reason=finish))
+        return [r for i in range(len(prompts)) for r in out[i]]
+
+    # ----- weight sync ----------------------------------------------------------------------
+    def init_transport(self, *, host: str, port: int, world_size: int, timeout_s: float, prefix: str) -> None:
+        if world_size != 2:
+            raise ValueError(f"the transformers engine joins a 2-party group, got world_size={world_size}")
+        self.transport = GlooTransport.connect(host, port, timeout_s, prefix)
+
+    def _require_transport(self) -> GlooTransport:
+        if self.transport is None:
+            raise EngineSyncError("no data plane: the trainer must call init_transport first")
+        return self.transport
+
+    def apply_bucket(self, bucket: Bucket, buf: torch.Tensor) -> None:
+        """Copy every piece of a received bucket into its parameter, in place."""
+        for piece in bucket.pieces:
+            dst = self.params[piece.name].data.view(-1)[piece.start:piece.start + piece.numel]
+            src = buf[piece.offset:piece.offset + piece.numel * dst.element_size()].view(dst.dtype)
+            dst.copy_(src)
+
+    @torch.no_grad()
+    def _adopt_layout(self, plan: SyncPlan) -> list[int] | None:
+        """Move the synced parameters into one flat storage laid out like `plan`'s buckets.
+
+        Returns each bucket's byte offset in that storage, or None when the layout cannot
+        hold the parameters contiguously (then the staged path is used).
+        """
+        key = tuple((b.nbytes, tuple((p.name, p.start, p.numel, p.offset) for p in b.pieces)) for b in plan.buckets)
+        if self._layout is not None and self._layout[0] == key:
+            return self._layout[2]
+        bases, total = [], 0
+        for bucket in plan.buckets:
+            bases.append(total)
+            total += (bucket.nbytes + ALIGN_BYTES - 1) // ALIGN_BYTES * ALIGN_BYTES
+        where: dict[str, int] = {}  # name -> byte offset of its element 0
+        for bucket, base in zip(plan.buckets, bases):
+            for piece in bucket.pieces:
+                param = self.params[piece.name]
+                pos = base + piece.offset - piece.start * param.element_size()
+                if where.setdefault(piece.name, pos) != pos:
+                    return None  # a split tensor whose pieces would not be adjacent
+        flat = torch.empty(total, dtype=torch.uint8, device=self.device)
+        for name, pos in where.items():
+            param = self.params[name]
+            view = flat[pos:pos + param.numel() * param.element_size()].view(param.dtype).view(param.shape)
+            view.copy_(param.data)
+            param.data = view
+        self._layout = (key, flat, bases)
+        self._recv = []  # the staged buffers are not needed any more
+        return bases
+
+    @torch.no_grad()
+    def receive_weights(self, plan: SyncPlan, timeout_s: float, after_bucket: Callable[[int], None]) -> None:
+        """Receive every bucket of `plan` into the parameters (see the module docstring)."""
+        bases = self._adopt_layout(plan) if self.receive == "inplace" else None
+        self.last_receive = "inplace" if bases is not None else "staged"
+        if bases is None:
+            self._receive_staged(plan, timeout_s, after_bucket)
+            return
+        transport = self._require_transport()
+        flat = self._layout[1]
+        handles = [transport.broadcast(flat[base:base + bucket.nbytes]) for bucket, base in zip(plan.buckets, bases)]
+        for i, handle in enumerate(handles):
+            handle.wait(timeout_s)
+            after_bucket(i)
+
+    @torch.no_grad()
+    def _receive_staged(self, plan: SyncPlan, timeout_s: float, after_bucket: Callable[[int], None]) -> None:
+        """Two buffers: bucket i+1 arrives while the pieces of bucket i are copied by name."""
+        transport = self._require_transport()
+        slots = min(2, len(plan.buckets))
+        # Kept between syncs: fresh pages for every sync would cost as much as a memory copy.
+        if len(self._recv) < slots or (slots and self._recv[0].numel() < plan.capacity):
+            self._recv = []
+            self._recv = [torch.empty(plan.capacity, dtype=torch.uint8) for _ in range(slots)]
+        buffers = self._recv
+        pending: dict[int, object] = {}
+
+        def post(i: int) -> None:
+            pending[i] = transport.broadcast(buffers[i % 2][:plan.buckets[i].nbytes])
+
+        for i in range(min(2, len(plan.buckets))):
+            post(i)
+        for i, bucket in enumerate(plan.buckets):
+            pending.pop(i).wait(timeout_s)
+            self.apply_bucket(bucket, buffers[i % 2])
+            after_bucket(i)
+            if i + 2 < len(plan.buckets):
+                post(i + 2)
+
+    @torch.no_grad()
+    def receive_tensor(self, spec: TensorSpec, timeout_s: float) -> None:
+        """One tensor per call: the per-tensor RPC pattern, kept as a benchmark baseline."""
+        tensor = torch.empty(spec.shape, dtype=dtype_from_name(spec.dtype))
+        self._require_transport().broadcast(tensor).wait(timeout_s)
+        self.params[spec.name].data.copy_(tensor)
+
+    def prepare_raw(self, sizes: list[int]) -> None:
+        """Pre-allocate (and touch) receive buffers for `receive_raw`."""
+        self._raw = [torch.zeros(s, dtype=torch.uint8) for s in sizes]
+
+    def receive_raw(self, timeout_s: float) -> float:
+        """Receive len(sizes) plain broadcasts and do nothing with them (the transport floor)."""
+        t0 = time.perf_counter()
+        transport = self._require_transport()
+        handles = [transport.broadcast(b) for b in self._raw]
+        for h in handles:
+            h.wait(timeout_s)
+        return time.perf_counter() - t0
