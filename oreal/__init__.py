@@ -1,9 +1,36 @@
-"""OREAL: outcome-reward reinforcement learning for mathematical reasoning, with fused kernels."""
+"""OREAL: outcome-reward reinforcement learning for mathematical reasoning, with fused kernels.
 
-from oreal.ops import (LossOutput, OrealLoss, PolicyLossOutput, fused_oreal_loss, fused_policy_loss,
-                       token_rm_weights)
-from oreal.reward.advantages import rloo_advantages
+Names are imported on first use (PEP 562), so `oreal-judge` and the judger's worker processes
+start without paying for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["LossOutput", "OrealLoss", "PolicyLossOutput", "fused_oreal_loss", "fused_policy_loss", "rloo_advantages",
-           "token_rm_weights"]
+
+_EXPORTS = {
+    "LossOutput": "oreal.ops.loss",
+    "OrealLoss": "oreal.ops.loss",
+    "fused_oreal_loss": "oreal.ops.loss",
+    "token_rm_weights": "oreal.ops.loss",
+    "PolicyLossOutput": "oreal.ops.policy_loss",
+    "fused_policy_loss": "oreal.ops.policy_loss",
+    "rloo_advantages": "oreal.reward.advantages",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'oreal' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
