@@ -1,9 +1,11 @@
 """Ahead-of-time compilation inputs for every Triton kernel, at production shapes, without a GPU.
 
-`production_kernels(hidden_size, vocab_size, dtype, chunk_tokens, arch=90)` runs the real host
-launchers on `meta` tensors with an assumed device (architecture and SM count), so it returns
-exactly the launches a training step would make: each as an `AotKernel` holding the `@triton.jit`
-function, the `triton.compile` signature, constexprs and attributes (derived with Triton's own
+`production_kernels(hidden_size, vocab_size, dtype, chunk_tokens, arch=90, loss="oreal")` runs the
+real host launchers on `meta` tensors with an assumed device (architecture and SM count), so it
+returns exactly the launches a training step would make (`loss="policy"`: those of
+`fused_policy_loss`, whose softmax-gradient kernel is the clipped-surrogate specialisation; the other
+kernels are the same): each as an `AotKernel` holding the `@triton.jit` function, the
+`triton.compile` signature, constexprs and attributes (derived with Triton's own
 argument-specialisation rule, as the JIT does), the warps and stages, and its FLOP and DRAM-byte
 floor for a whole batch of `total_tokens` tokens.
 
@@ -18,6 +20,7 @@ The kernels must be the compiled kind: import this module without TRITON_INTERPR
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -29,6 +32,9 @@ from pathlib import Path
 import torch
 
 from . import configs, linear_logprob, token_weights
+
+# Which public loss a report covers: OREAL's, or the clipped surrogate of `fused_policy_loss`.
+LOSSES = ("oreal", "policy")
 from ._runtime import INTERPRET, SM_COUNT_BY_ARCH, DeviceInfo, KernelLaunch, cdiv
 
 # H100 SXM dense peaks, for the floors (issue 3).
@@ -116,7 +122,9 @@ def _launch_cost(launch: KernelLaunch, hidden_size: int, vocab_size: int, dtype:
         return 2.0 * c * v * h, float(c * h * b + v * h * b + c * v * b + 12 * splits * c + 12 * c)
     if launch.name == "softmax_grad":
         c, v = args["logits_ptr"].shape
-        return 4.0 * c * v, float(2 * c * v * b + 12 * args["num_splits"] * c + 24 * c)
+        # the clipped surrogate also reads advantages, old log-probs and KL scales, writes ratio and clip flag
+        per_token = 24 + (20 if launch.constexprs["LOSS_MODE"] == linear_logprob.LOSS_CLIPPED_SURROGATE else 0)
+        return 4.0 * c * v, float(2 * c * v * b + 12 * args["num_splits"] * c + per_token * c)
     if launch.name in ("grad_hidden", "grad_weight"):
         m, n, k = args["M"], args["N"], args["K"]
         c_bytes = args["c_ptr"].element_size() * m * n
@@ -135,10 +143,14 @@ def _launch_cost(launch: KernelLaunch, hidden_size: int, vocab_size: int, dtype:
 
 def production_kernels(hidden_size: int, vocab_size: int, dtype: torch.dtype = torch.bfloat16,
                        chunk_tokens: int | None = None, *, arch: int = 90, total_tokens: int = 16384,
-                       num_sequences: int = 64, sm_count: int | None = None) -> list[AotKernel]:
-    """Every distinct kernel launch of one `fused_oreal_loss` call on `total_tokens` packed tokens
-    (`num_sequences` sequences), with the chunking and block sizes the launchers would pick on a GPU of
-    architecture `arch` (80 = A100, 90 = H100 as sm_90a) with `sm_count` SMs (default: that part's)."""
+                       num_sequences: int = 64, sm_count: int | None = None, loss: str = "oreal") -> list[AotKernel]:
+    """Every distinct kernel launch of one `fused_oreal_loss` call (`loss="oreal"`) or one
+    `fused_policy_loss` call (`loss="policy"`, with a KL term: the superset specialisation) on
+    `total_tokens` packed tokens (`num_sequences` sequences), with the chunking and block sizes the
+    launchers would pick on a GPU of architecture `arch` (80 = A100, 90 = H100 as sm_90a) with
+    `sm_count` SMs (default: that part's)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss: {loss!r} is not one of {', '.join(LOSSES)}")
     if INTERPRET:
         raise RuntimeError("oreal_kernels.aot: TRITON_INTERPRET=1 is set, so the kernels were built for the "
                            "interpreter; run the ahead-of-time report in a process without it")
@@ -153,6 +165,12 @@ def production_kernels(hidden_size: int, vocab_size: int, dtype: torch.dtype = t
     floats = [torch.empty(total_tokens, dtype=torch.float32, **meta) for _ in range(5)]
     pg_coef, ref, logprobs, entropy, token_loss = floats
     scalar = torch.empty((), dtype=torch.float32, **meta)
+    surrogate = None
+    if loss == "policy":  # token scale in pg_coef's place, per-token KL scales in the 0-d KL weight's
+        kl_scale = torch.empty(total_tokens, dtype=torch.float32, **meta)
+        statistics = torch.empty((2, total_tokens), dtype=torch.float32, **meta)
+        surrogate = linear_logprob.ClippedSurrogate(torch.empty_like(kl_scale), torch.empty_like(kl_scale),
+                                                    statistics[0], statistics[1], 0.2, 0.28)
     grad_hidden = torch.empty_like(hidden)
     grad_weight = torch.empty((vocab_size, hidden_size), dtype=torch.float32, **meta)
     buffers = linear_logprob.ChunkBuffers(chunk, vocab_size, hidden_size, dtype, "meta", device)
@@ -173,12 +191,15 @@ def production_kernels(hidden_size: int, vocab_size: int, dtype: torch.dtype = t
 
     for start in range(0, total_tokens, chunk):
         part = slice(start, min(start + chunk, total_tokens))
+        kl = scalar if surrogate is None else kl_scale[part]
         for launch in linear_logprob.chunk_launches(
-                hidden[part], weight, labels[part], pg_coef[part], ref[part], scalar, scalar,
+                hidden[part], weight, labels[part], pg_coef[part], ref[part], kl, scalar,
                 (logprobs[part], entropy[part], token_loss[part]), (grad_hidden[part], grad_weight), buffers,
-                1.0, device, first_chunk=start == 0):
+                1.0, device, first_chunk=start == 0, surrogate=None if surrogate is None else surrogate.chunk(part)):
             record(launch)
 
+    if loss == "policy":  # fused_policy_loss has no token-RM weights
+        return list(distinct.values())
     cu_seqlens = torch.empty(num_sequences + 1, dtype=torch.int32, **meta)
     positive = torch.empty(num_sequences, dtype=torch.int32, **meta)
     record(token_weights.plan_token_rm_weights(floats[0], labels, cu_seqlens, positive, floats[1], device))
@@ -197,12 +218,30 @@ def sm_name(arch: int) -> str:
     return "sm_90a" if arch == 90 else f"sm_{arch}"
 
 
+# The same kernel in several reports of one process (e.g. the matmuls of both loss modes) is
+# inspected once: results by digest of its PTX (and architecture) or cubin.
+_PTXAS_USAGE: dict[tuple[str, int], dict] = {}
+_SASS_COUNTS: dict[str, Counter] = {}
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def ptxas_usage(compiled, arch: int) -> dict:
     """Registers, spill bytes, shared and stack bytes from the bundled `ptxas -v` on the kernel's PTX
     (the flags Triton itself uses to build the cubin)."""
+    ptx = compiled.asm["ptx"]
+    key = (_digest(ptx.encode()), arch)
+    if key not in _PTXAS_USAGE:
+        _PTXAS_USAGE[key] = _run_ptxas(ptx, arch)
+    return {**_PTXAS_USAGE[key], "shared_dynamic": int(compiled.metadata.shared)}
+
+
+def _run_ptxas(ptx_text: str, arch: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ptx = os.path.join(tmp, "kernel.ptx")
-        Path(ptx).write_text(compiled.asm["ptx"])
+        Path(ptx).write_text(ptx_text)
         result = subprocess.run([_nvidia_tool("ptxas"), "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_name(arch)}",
                                  ptx, "-o", os.path.join(tmp, "kernel.cubin")],
                                 capture_output=True, text=True, check=True)
@@ -218,16 +257,23 @@ def ptxas_usage(compiled, arch: int) -> dict:
         "spill_loads": number(r"(\d+) bytes spill loads"),
         "stack_frame": number(r"(\d+) bytes stack frame"),
         "shared_static": number(r"(\d+) bytes smem"),
-        "shared_dynamic": int(compiled.metadata.shared),
         "log": log,
     }
 
 
 def sass_counts(compiled) -> Counter:
     """How often each SASS opcode (e.g. HGMMA, HMMA, MUFU) occurs in the kernel's cubin."""
+    cubin = compiled.asm["cubin"]
+    key = _digest(cubin)
+    if key not in _SASS_COUNTS:
+        _SASS_COUNTS[key] = _run_cuobjdump(cubin)
+    return Counter(_SASS_COUNTS[key])
+
+
+def _run_cuobjdump(cubin_bytes: bytes) -> Counter:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
-        Path(cubin).write_bytes(compiled.asm["cubin"])
+        Path(cubin).write_bytes(cubin_bytes)
         sass = subprocess.run([_nvidia_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True,
                               check=True).stdout
     counts = Counter()
@@ -239,16 +285,17 @@ def sass_counts(compiled) -> Counter:
 # ---- command line: a quick table, also what tests/kernels/test_triton_aot.py runs ----
 
 def report_rows(hidden_size: int, vocab_size: int, dtype: torch.dtype, archs, *, total_tokens: int = 16384,
-                chunk_tokens: int | None = None) -> list[dict]:
+                chunk_tokens: int | None = None, loss: str = "oreal") -> list[dict]:
     rows = []
     for arch in archs:
         for kernel in production_kernels(hidden_size, vocab_size, dtype, chunk_tokens, arch=arch,
-                                         total_tokens=total_tokens):
+                                         total_tokens=total_tokens, loss=loss):
             compiled = kernel.compile()
             usage = ptxas_usage(compiled, arch)
             counts = sass_counts(compiled)
             rows.append({
-                "kernel": kernel.name, "fn": kernel.fn.__name__, "arch": sm_name(arch), "hidden": hidden_size,
+                "kernel": kernel.name, "fn": kernel.fn.__name__, "loss": loss, "arch": sm_name(arch),
+                "hidden": hidden_size,
                 "vocab": vocab_size, "dtype": str(dtype).replace("torch.", ""), "tokens": total_tokens,
                 "grid": list(kernel.launch.grid), **kernel.options,
                 "constexprs": {kernel.fn.arg_names[k[0]]: v for k, v in kernel.constexprs.items()},
@@ -272,10 +319,13 @@ def main(argv=None) -> None:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--chunk", type=int, default=None)
+    parser.add_argument("--loss", choices=LOSSES, default="oreal",
+                        help="the launches of fused_oreal_loss, or of fused_policy_loss (clipped surrogate)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = parser.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    rows = report_rows(args.hidden, args.vocab, dtype, args.arch, total_tokens=args.tokens, chunk_tokens=args.chunk)
+    rows = report_rows(args.hidden, args.vocab, dtype, args.arch, total_tokens=args.tokens, chunk_tokens=args.chunk,
+                       loss=args.loss)
     if args.json:
         print(json.dumps(rows))
         return

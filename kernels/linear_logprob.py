@@ -6,6 +6,9 @@ Implements the internal contract of `oreal.ops.torch_backend` (read its docstrin
                         ref_logprobs [T] fp32 | None, kl_weight 0-d fp32, temperature)
         -> (loss 0-d fp32, logprobs [T] fp32, entropy [T] fp32)
 
+and, through the same launches in a second loss mode, the PPO clipped surrogate
+(`linear_policy_loss`, public in `policy_loss.py`; its per-token inputs are a `ClippedSurrogate`).
+
 Per chunk of C tokens, four launches; the `[T, V]` logits never exist, the `[C, V]` buffer is reused:
 
 1. `_logits_lse_fwd_kernel`, grid (token blocks x vocabulary splits): `z = hidden @ weight^T / temp`
@@ -16,9 +19,8 @@ Per chunk of C tokens, four launches; the `[T, V]` logits never exist, the `[C, 
    holding the label. Splitting the vocabulary keeps every SM busy when the chunk has few tokens.
 2. `_softmax_grad_kernel`, grid (tokens x vocabulary slices): merges the partials
    (`lse = M + log S`, `entropy = lse - A / S`), computes `lp = z_label - lse`, the token loss and
-   its derivative `g = -pg_coef + kl_weight (1 - exp(ref - lp))`, and overwrites its slice of the
-   buffer with the logit gradient `dz = g (onehot - softmax) / temp`, times a power-of-two scale
-   `sigma` (below).
+   its derivative `g = dL/dlp` (per loss mode, below), and overwrites its slice of the buffer with
+   the logit gradient `dz = g (onehot - softmax) / temp`, times a power-of-two scale `sigma` (below).
 3. `_matmul_kernel`: `grad_hidden[chunk] = dz @ weight` (input dtype).
 4. `_matmul_kernel`: `grad_weight += dz^T @ hidden` into an fp32 buffer.
 
@@ -28,11 +30,21 @@ so logit gradients (times probabilities) and even the hidden gradient sit far be
 range (6e-5) and would flush to zero before a loss scaler's factor could rescue them. Stored
 scaled by sigma ~ 1 / max|dL/dlp|, they stay O(1); the power of two makes the scaling exact.
 
-Loss modes are a `tl.constexpr` (`LOSS_LOGPROB` now; a PPO clipped surrogate would be a second
-mode of kernel 2 with the same outputs).
+Loss modes are a `tl.constexpr` of kernel 2; kernels 1, 3 and 4, sigma and the no-grad skip are shared:
+
+- `LOSS_LOGPROB` (OREAL): `loss_t = -coef_t lp_t + kl (exp(d_t) - d_t - 1)`, `d_t = ref_t - lp_t`,
+  `g_t = -coef_t + kl (1 - exp(d_t))`, with `coef = pg_coef [T]` and `kl = kl_weight` (0-d).
+- `LOSS_CLIPPED_SURROGATE` (PPO/GRPO): `r_t = exp(lp_t - old_t)`,
+  `loss_t = -s_t min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t) + k_t (exp(d_t) - d_t - 1)`,
+  `g_t = -s_t A_t r_t` where the unclipped term is the minimum (else 0) `+ k_t (1 - exp(d_t))`, with
+  `coef = s [T]` (the aggregation scale) and `kl = k [T]`. Only this mode loads the advantages and old
+  log-probs, and it writes `r_t` and a clip flag per token, from which `policy_loss.py` forms the
+  statistics on the device.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -44,6 +56,7 @@ from .matmul import plan_matmul_into
 from .rounding import cast_rounded
 
 LOSS_LOGPROB = 0  # -pg_coef * lp + kl_weight * (exp(d) - d - 1), d = ref - lp
+LOSS_CLIPPED_SURROGATE = 1  # -s * min(r A, clip(r) A) + k * (exp(d) - d - 1), r = exp(lp - old)
 IGNORE_INDEX = -100
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -121,10 +134,10 @@ def _logits_lse_fwd_kernel(
 @triton.jit
 def _softmax_grad_kernel(
     logits_ptr, part_max_ptr, part_sum_ptr, part_dot_ptr, target_ptr, labels_ptr,
-    pg_coef_ptr, ref_ptr, kl_weight_ptr, grad_scale_ptr,
-    logprobs_ptr, entropy_ptr, token_loss_ptr,
+    coef_ptr, ref_ptr, kl_ptr, grad_scale_ptr, advantages_ptr, old_logprobs_ptr,
+    logprobs_ptr, entropy_ptr, token_loss_ptr, ratio_ptr, clipped_ptr,
     vocab_size, num_splits, vocab_per_program, stride_logits, stride_part,
-    inv_temperature,
+    inv_temperature, ratio_low, ratio_high,
     HAS_REF: tl.constexpr, LOSS_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr,
     BLOCK_SPLITS: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -146,19 +159,36 @@ def _softmax_grad_kernel(
     label = tl.load(labels_ptr + token).to(tl.int32)
     valid = label >= 0
     logprob = tl.where(valid, tl.load(target_ptr + token) - lse, 0.0)
-    pg_coef = tl.load(pg_coef_ptr + token)
-    if LOSS_MODE == 0:
-        loss = -pg_coef * logprob
-        grad = -pg_coef
+    # `coef_ptr`: pg_coef_t (LOSS_LOGPROB) or the aggregation scale s_t (LOSS_CLIPPED_SURROGATE);
+    # `kl_ptr`: the 0-d kl_weight, or the per-token KL scale k_t
+    coef = tl.load(coef_ptr + token)
+    first = slice_id == 0
+    if LOSS_MODE == 0:  # LOSS_LOGPROB
+        loss = -coef * logprob
+        grad = -coef
         if HAS_REF:
-            kl_weight = tl.load(kl_weight_ptr)
-            delta = tl.load(ref_ptr + token) - logprob
-            ratio = tl.exp(delta)
-            loss += kl_weight * (ratio - delta - 1.0)
-            grad += kl_weight * (1.0 - ratio)
+            kl = tl.load(kl_ptr)
+    else:  # LOSS_CLIPPED_SURROGATE
+        # Off action tokens lp is 0 and old_t arbitrary, so r may overflow there: every use is masked.
+        advantage = tl.load(advantages_ptr + token)
+        ratio = tl.exp(logprob - tl.load(old_logprobs_ptr + token))
+        unclipped = ratio * advantage
+        clipped = tl.minimum(tl.maximum(ratio, ratio_low), ratio_high) * advantage
+        use_unclipped = unclipped <= clipped  # ties take the unclipped branch, as the torch backend
+        loss = -coef * tl.minimum(unclipped, clipped)
+        grad = tl.where(use_unclipped, -coef * unclipped, 0.0)  # d(r A)/dlp = r A
+        tl.store(ratio_ptr + token, tl.where(valid, ratio, 0.0), mask=first)
+        # the clip is active where the unclipped term is not the minimum (strictly larger)
+        tl.store(clipped_ptr + token, tl.where(valid, tl.where(use_unclipped, 0.0, 1.0), 0.0), mask=first)
+        if HAS_REF:
+            kl = tl.load(kl_ptr + token)
+    if HAS_REF:  # k3 estimator of KL(pi || ref)
+        delta = tl.load(ref_ptr + token) - logprob
+        kl_ratio = tl.exp(delta)
+        loss += kl * (kl_ratio - delta - 1.0)
+        grad += kl * (1.0 - kl_ratio)
     loss = tl.where(valid, loss, 0.0)
     grad = tl.where(valid, grad, 0.0)
-    first = slice_id == 0
     tl.store(logprobs_ptr + token, logprob, mask=first)
     tl.store(entropy_ptr + token, tl.where(valid, entropy, 0.0), mask=first)
     tl.store(token_loss_ptr + token, loss, mask=first)
@@ -179,6 +209,29 @@ def _softmax_grad_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # host launchers
+
+
+@dataclass(frozen=True)
+class ClippedSurrogate:
+    """What selects `LOSS_CLIPPED_SURROGATE`: the mode's own per-token inputs and statistics outputs.
+
+    `advantages`, `old_logprobs`: `[T]` fp32 inputs. `ratio`, `clipped`: `[T]` fp32 outputs written by
+    the softmax-gradient kernel (`r_t`, and 1.0 where the clipped term is strictly the minimum; both 0
+    off action tokens). In this mode the op's `coef` is the aggregation scale `s [T]` and its `kl`
+    the per-token KL scale `k [T]`.
+    """
+
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor
+    ratio: torch.Tensor
+    clipped: torch.Tensor
+    clip_low: float
+    clip_high: float
+
+    def chunk(self, part: slice) -> "ClippedSurrogate":
+        """The per-token tensors of tokens `part` (views: the kernel writes through them)."""
+        return replace(self, advantages=self.advantages[part], old_logprobs=self.old_logprobs[part],
+                       ratio=self.ratio[part], clipped=self.clipped[part])
 
 
 class ChunkBuffers:
@@ -226,7 +279,9 @@ def plan_logits_lse(hidden, weight, labels, buffers: ChunkBuffers, temperature, 
 
 def plan_softmax_grad(labels, pg_coef, ref_logprobs, kl_weight, grad_scale, logprobs, entropy, token_loss,
                       buffers: ChunkBuffers, num_splits, temperature, device: DeviceInfo, *,
-                      write_grad: bool) -> KernelLaunch:
+                      write_grad: bool, surrogate: ClippedSurrogate | None = None) -> KernelLaunch:
+    """Kernel 2 in the OREAL mode, or in the clipped-surrogate mode when `surrogate` is given (then
+    `pg_coef` is the token scale `s` and `kl_weight` the per-token KL scale `k`)."""
     num_tokens = labels.shape[0]
     logits = buffers.logits[:num_tokens]
     vocab_size = logits.shape[1]
@@ -236,15 +291,23 @@ def plan_softmax_grad(labels, pg_coef, ref_logprobs, kl_weight, grad_scale, logp
     vocab_per_program = cdiv(cdiv(vocab_size, programs_per_row), block_v) * block_v
     programs_per_row = cdiv(vocab_size, vocab_per_program) if write_grad else 1
     has_ref = ref_logprobs is not None
+    # a mode's unused pointers get a tensor of the right dtype that the kernel never touches
+    mode_args = (dict(advantages_ptr=pg_coef, old_logprobs_ptr=pg_coef, ratio_ptr=token_loss, clipped_ptr=token_loss,
+                      ratio_low=1.0, ratio_high=1.0) if surrogate is None else
+                 dict(advantages_ptr=surrogate.advantages, old_logprobs_ptr=surrogate.old_logprobs,
+                      ratio_ptr=surrogate.ratio, clipped_ptr=surrogate.clipped,
+                      ratio_low=1.0 - surrogate.clip_low, ratio_high=1.0 + surrogate.clip_high))
     args = dict(
         logits_ptr=logits, part_max_ptr=part_max, part_sum_ptr=part_sum, part_dot_ptr=part_dot,
-        target_ptr=buffers.target, labels_ptr=labels, pg_coef_ptr=pg_coef,
-        ref_ptr=ref_logprobs if has_ref else pg_coef, kl_weight_ptr=kl_weight, grad_scale_ptr=grad_scale,
+        target_ptr=buffers.target, labels_ptr=labels, coef_ptr=pg_coef,
+        ref_ptr=ref_logprobs if has_ref else pg_coef, kl_ptr=kl_weight, grad_scale_ptr=grad_scale,
         logprobs_ptr=logprobs, entropy_ptr=entropy, token_loss_ptr=token_loss,
         vocab_size=vocab_size, num_splits=num_splits, vocab_per_program=vocab_per_program,
         stride_logits=logits.stride(0), stride_part=part_max.stride(0), inv_temperature=1.0 / temperature,
+        **mode_args,
     )
-    constexprs = dict(HAS_REF=has_ref, LOSS_MODE=LOSS_LOGPROB, WRITE_GRAD=write_grad,
+    loss_mode = LOSS_LOGPROB if surrogate is None else LOSS_CLIPPED_SURROGATE
+    constexprs = dict(HAS_REF=has_ref, LOSS_MODE=loss_mode, WRITE_GRAD=write_grad,
                       BLOCK_SPLITS=max(2, next_power_of_2(num_splits)), BLOCK_V=block_v, INTERPRETED=INTERPRET)
     return KernelLaunch("softmax_grad", _softmax_grad_kernel, (num_tokens, programs_per_row), args, constexprs,
                         num_warps, 1)
@@ -260,7 +323,22 @@ def gradient_scale(pg_coef, kl_weight, temperature):
     return torch.exp2(-torch.ceil(torch.log2(bound.clamp(min=2.0 ** -60))))
 
 
-def check_inputs(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight):
+def surrogate_gradient_scale(token_scale, surrogate: ClippedSurrogate, kl_scale, has_ref, temperature):
+    """`gradient_scale` of the clipped surrogate: `|g_t| <= |s_t A_t| r_t + k_t |1 - exp(d_t)|`.
+
+    Where the unclipped term is the minimum, `r_t <= 1 + eps_high` for `A_t > 0`; for `A_t < 0` the
+    ratio has no upper bound, so the bound takes `r_t ~ 1 + eps_high` for every token (as the KL term
+    takes `exp(d_t) ~ 1`): a looser bound would throw away fp16 range for every batch. A token whose
+    ratio is `R (1 + eps_high)` stores `|dz|` up to about `R`: fp16 overflows only beyond
+    `r ~ 6.5e4 (1 + eps_high)` (`lp - old > 11`), where the step is broken anyway; bf16 and fp32 have
+    fp32's range.
+    """
+    pg_bound = (token_scale * surrogate.advantages).abs() * (1.0 + surrogate.clip_high)
+    kl_bound = kl_scale.abs().amax() if has_ref else torch.zeros((), dtype=torch.float32, device=kl_scale.device)
+    return gradient_scale(pg_bound, kl_bound, temperature)
+
+
+def check_inputs(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, surrogate=None):
     """The checks this backend needs beyond `oreal.ops.validation`: dtypes it runs and one device."""
     if hidden.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"hidden: dtype {hidden.dtype} is not supported by the Triton backend "
@@ -276,6 +354,17 @@ def check_inputs(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight):
             raise ValueError(f"{name}: is on {tensor.device}, but hidden is on {hidden.device}")
     if pg_coef.dtype != torch.float32 or (ref_logprobs is not None and ref_logprobs.dtype != torch.float32):
         raise ValueError("pg_coef and ref_logprobs: expected float32")
+    if surrogate is not None:
+        num_tokens = hidden.shape[0]
+        for name, tensor in (("token_scale", pg_coef), ("kl_scale", kl_weight), ("ref_logprobs", ref_logprobs),
+                             ("advantages", surrogate.advantages), ("old_logprobs", surrogate.old_logprobs)):
+            if tensor is None:
+                continue
+            if tensor.device != hidden.device:
+                raise ValueError(f"{name}: is on {tensor.device}, but hidden is on {hidden.device}")
+            if tensor.dtype != torch.float32 or tuple(tensor.shape) != (num_tokens,):
+                raise ValueError(f"{name}: expected a float32 tensor of shape ({num_tokens},), got "
+                                 f"{tensor.dtype} {tuple(tensor.shape)}")
 
 
 def _row_major(x):
@@ -283,19 +372,22 @@ def _row_major(x):
 
 
 def chunk_launches(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, sigma, outputs, grads, buffers,
-                   temperature, device: DeviceInfo, *, first_chunk: bool) -> list[KernelLaunch]:
+                   temperature, device: DeviceInfo, *, first_chunk: bool,
+                   surrogate: ClippedSurrogate | None = None) -> list[KernelLaunch]:
     """The four launches of one chunk, in order (the module docstring's steps 1-4).
 
     `hidden`, `labels`, `pg_coef`, `ref_logprobs` and the `outputs` (logprobs, entropy, token_loss)
     are the chunk's slices; `grads` is (grad_hidden slice or None, grad_weight or None), both
-    receiving `sigma` times the gradient.
+    receiving `sigma` times the gradient. With `surrogate` (the chunk's slices) kernel 2 runs the
+    clipped surrogate: `pg_coef` is then the token scale and `kl_weight` the chunk's KL scales.
     """
     grad_hidden, grad_weight = grads
     fwd = plan_logits_lse(hidden, weight, labels, buffers, temperature, device)
     num_splits = fwd.grid[0] // cdiv(hidden.shape[0], fwd.constexprs["BLOCK_T"])
     launches = [fwd, plan_softmax_grad(labels, pg_coef, ref_logprobs, kl_weight, sigma, *outputs, buffers,
                                        num_splits, temperature, device,
-                                       write_grad=grad_hidden is not None or grad_weight is not None)]
+                                       write_grad=grad_hidden is not None or grad_weight is not None,
+                                       surrogate=surrogate)]
     dz = buffers.logits[:hidden.shape[0]]
     if grad_hidden is not None:
         launches.append(plan_matmul_into("grad_hidden", dz, weight, grad_hidden, device, accumulate=False))
@@ -306,15 +398,19 @@ def chunk_launches(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, sig
 
 
 class _LinearLogprobLoss(torch.autograd.Function):
+    """Both loss modes: `surrogate` None runs OREAL's, a `ClippedSurrogate` the clipped surrogate (its
+    ratio and clip-flag outputs are written in place; everything else is shared)."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature, chunk_size,
+    def forward(ctx, hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, surrogate, temperature, chunk_size,
                 grad_enabled):
-        check_inputs(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight)
+        check_inputs(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, surrogate)
         device = device_info(hidden.device)
         hidden, weight = _row_major(hidden), _row_major(weight)
         labels, pg_coef = labels.contiguous(), pg_coef.contiguous()
         ref_logprobs = None if ref_logprobs is None else ref_logprobs.contiguous()
-        kl_weight = kl_weight.reshape(()).float()
+        # OREAL: one 0-d KL weight; clipped surrogate: one KL scale per token
+        kl_weight = kl_weight.reshape(()).float() if surrogate is None else kl_weight.contiguous()
         num_tokens, hidden_size = hidden.shape
         vocab_size = weight.shape[0]
 
@@ -330,15 +426,20 @@ class _LinearLogprobLoss(torch.autograd.Function):
             chunk = chunk_size or configs.default_chunk_tokens(num_tokens, vocab_size, hidden.dtype)
             chunk = max(1, min(int(chunk), num_tokens))
             buffers = ChunkBuffers(chunk, vocab_size, hidden_size, hidden.dtype, hidden.device, device)
-            sigma = gradient_scale(pg_coef, kl_weight, temperature)
+            if surrogate is None:
+                sigma = gradient_scale(pg_coef, kl_weight, temperature)
+            else:
+                sigma = surrogate_gradient_scale(pg_coef, surrogate, kl_weight, ref_logprobs is not None, temperature)
             for start in range(0, num_tokens, chunk):
                 part = slice(start, min(start + chunk, num_tokens))
                 for launch in chunk_launches(
                         hidden[part], weight, labels[part], pg_coef[part],
-                        None if ref_logprobs is None else ref_logprobs[part], kl_weight, sigma,
+                        None if ref_logprobs is None else ref_logprobs[part],
+                        kl_weight if surrogate is None else kl_weight[part], sigma,
                         (logprobs[part], entropy[part], token_loss[part]),
                         (None if grad_hidden is None else grad_hidden[part], grad_weight), buffers,
-                        temperature, device, first_chunk=start == 0):
+                        temperature, device, first_chunk=start == 0,
+                        surrogate=None if surrogate is None else surrogate.chunk(part)):
                     launch.run()
         else:
             sigma = torch.ones((), dtype=torch.float32, device=hidden.device)
@@ -356,7 +457,7 @@ class _LinearLogprobLoss(torch.autograd.Function):
             grad_hidden = (grad_hidden.float() * factor).to(grad_hidden.dtype)
         if grad_weight is not None:
             grad_weight = (grad_weight * factor).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
 
 
 def linear_logprob_loss(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature=1.0,
@@ -364,5 +465,5 @@ def linear_logprob_loss(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight
     """Token-weighted log-prob loss with fused gradients (see the module docstring)."""
     if not isinstance(kl_weight, torch.Tensor):
         kl_weight = torch.tensor(float(kl_weight), dtype=torch.float32, device=hidden.device)
-    return _LinearLogprobLoss.apply(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight,
+    return _LinearLogprobLoss.apply(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, None,
                                     float(temperature), chunk_size, torch.is_grad_enabled())

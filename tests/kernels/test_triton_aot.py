@@ -1,5 +1,6 @@
 """Every Triton kernel compiles ahead of time for sm_80 and sm_90a at Qwen2.5-7B shapes without spilling,
-and the matmuls run on tensor cores (HGMMA on sm_90a, HMMA on sm_80). No GPU needed.
+in both loss modes (OREAL's and the clipped surrogate of `fused_policy_loss`), and the matmuls run on
+tensor cores (HGMMA on sm_90a, HMMA on sm_80). No GPU needed.
 
 The compilation runs in a subprocess without TRITON_INTERPRET (this folder's conftest sets it, and the
 kernels of an interpreting process cannot be compiled).
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from oreal_kernels import linear_logprob, matmul, token_weights
+from oreal_kernels.linear_logprob import LOSS_CLIPPED_SURROGATE, LOSS_LOGPROB
 
 MATMUL_KERNELS = {"logits_lse_fwd", "grad_hidden", "grad_weight"}
 H, V, TOKENS = 3584, 152064, 16384
@@ -36,14 +38,17 @@ from oreal_kernels.aot import report_rows
 print(json.dumps({
     "production": report_rows(%d, %d, torch.bfloat16, (80, 90), total_tokens=%d),
     "small": report_rows(5120, %d, torch.bfloat16, (90,), total_tokens=48),
+    "policy": report_rows(%d, %d, torch.bfloat16, (80, 90), total_tokens=%d, loss="policy"),
 }))
-""" % (H, V, TOKENS, V)
+""" % (H, V, TOKENS, V, H, V, TOKENS)
 
 
 @pytest.fixture(scope="module")
 def rows():
-    """One subprocess compiles everything: the production launches for sm_80 and sm_90a, and the
-    launches of a 48-token batch (64-row tiles, many vocabulary splits, split-K) for sm_90a."""
+    """One subprocess compiles everything: the production launches for sm_80 and sm_90a, the
+    launches of a 48-token batch (64-row tiles, many vocabulary splits, split-K) for sm_90a, and the
+    production launches of the clipped surrogate for both (only its softmax-gradient kernel differs;
+    Triton's cache serves the others)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -90,3 +95,21 @@ def test_small_batch_configs_compile_on_hopper(rows):
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
         if row["kernel"] in MATMUL_KERNELS:
             assert row["HGMMA"] > 0, row
+
+
+def test_clipped_surrogate_mode_compiles_for_both_architectures_without_spills(rows, production_rows):
+    """`fused_policy_loss`'s launches: the softmax-gradient kernel in its second loss mode, and the same
+    forward and gradient matmuls as OREAL's (no token-RM scan)."""
+    policy = rows["policy"]
+    for arch in ("sm_80", "sm_90a"):
+        arch_rows = [r for r in policy if r["arch"] == arch]
+        assert {r["fn"] for r in arch_rows} == launched_kernel_names() - {"_token_rm_weights_kernel"}
+        for row in arch_rows:
+            assert row["spill_stores"] == 0 and row["spill_loads"] == 0, row
+            assert 0 < row["registers"] <= 255, row
+            if row["kernel"] in MATMUL_KERNELS:
+                assert row["HGMMA" if arch == "sm_90a" else "HMMA"] > 0, row
+        modes = {r["constexprs"]["LOSS_MODE"] for r in arch_rows if r["kernel"] == "softmax_grad"}
+        assert modes == {LOSS_CLIPPED_SURROGATE}
+    oreal_modes = {r["constexprs"]["LOSS_MODE"] for r in production_rows if r["kernel"] == "softmax_grad"}
+    assert oreal_modes == {LOSS_LOGPROB}

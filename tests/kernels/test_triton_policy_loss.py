@@ -1,0 +1,280 @@
+"""`backend="triton"` of `fused_policy_loss` (the clipped-surrogate mode, interpreted on CPU) against the
+independent float64 reference in tests/policy_reference.py.
+
+Old log-probs are placed so that both branches of the clip are taken in every case with two or more
+action tokens: `(lp - old) sign(A)` cycles, shuffled, through {0.6 (clip active), -0.6 (outside the
+range on the unclipped side), +-0.05 (inside)} plus a little noise, so no ratio sits within 0.1 (in log
+space) of a clip bound, where the fp32 and float64 log-probs could pick different branches.
+"""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import oreal
+from loss_cases import make_case, relative_error, scalar_relative_error
+from oreal.ops.policy_loss import token_scales
+from oreal_kernels import linear_policy_loss
+from oreal_kernels.linear_logprob import ClippedSurrogate, surrogate_gradient_scale
+from policy_reference import reference_policy_loss
+
+LOSS_RTOL = 1e-5  # relative to max(|loss|, 1e-3): mixed-sign advantages can cancel the loss to ~0
+GRAD_RTOL = 1e-4
+
+
+def fresh_seed() -> int:
+    return torch.randint(0, 2**31 - 2, ()).item()  # fresh inputs every run; pytest shows it on failure
+
+
+@dataclass
+class PolicyCase:
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor
+    cu_seqlens: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    options: dict
+
+    def args(self, dtype=torch.float32):
+        return (self.hidden.to(dtype), self.weight.to(dtype), self.labels, self.cu_seqlens, self.advantages,
+                self.old_logprobs, self.ref_logprobs)
+
+
+def current_logprobs(hidden, weight, labels, temperature):
+    log_probs = torch.log_softmax(hidden.double() @ weight.double().T / temperature, -1)
+    return log_probs.gather(1, labels.clamp(min=0)[:, None])[:, 0].float()
+
+
+def make_policy_case(seq_lens, hidden_size, vocab_size, *, seed, per_token=False, with_ref=True, empty_seq=None,
+                     round_to=torch.float32, **options) -> PolicyCase:
+    """A packed batch (prompt positions and each sequence's last position ignored) with advantages,
+    old log-probs that put ratios on both sides of the clip range, and reference log-probs near the
+    current ones. `round_to`: the dtype whose rounded inputs the ratios are placed for."""
+    base = make_case(seq_lens, hidden_size, vocab_size, seed=seed, empty_seq=empty_seq)
+    g = torch.Generator().manual_seed(seed + 1)
+    total = len(base.labels)
+    current = current_logprobs(base.hidden.to(round_to), base.weight.to(round_to), base.labels,
+                               options.get("temperature", 1.0))
+    advantages = torch.randn(total if per_token else len(seq_lens), generator=g)
+    advantages = advantages.sign() * (0.2 + advantages.abs())  # no advantage near 0
+    seq = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(seq_lens))
+    token_adv = advantages if per_token else advantages[seq]
+    # a shuffled cycle over the action tokens: with two or more, both branches are taken whatever the seed
+    choice = torch.randint(0, 4, (total,), generator=g)
+    action = (base.labels != -100).nonzero()[:, 0]
+    choice[action] = (torch.arange(len(action)) % 4)[torch.randperm(len(action), generator=g)]
+    log_ratio = torch.tensor([0.6, -0.6, 0.05, -0.05])[choice] + 0.02 * (torch.rand(total, generator=g) - 0.5)
+    old = current - log_ratio * token_adv.sign()
+    ref = current + 0.2 * torch.randn(total, generator=g) if with_ref else None
+    if with_ref:
+        options.setdefault("kl_coef", 0.05)
+    return PolicyCase(base.hidden, base.weight, base.labels, base.cu_seqlens, advantages, old, ref, options)
+
+
+def run_fused(case: PolicyCase, dtype=torch.float32, backend="triton"):
+    hidden, weight, *rest = case.args(dtype)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    out = oreal.fused_policy_loss(hidden, weight, *rest, backend=backend, **case.options)
+    grads = torch.autograd.grad(out.loss, (hidden, weight), allow_unused=True)
+    return out, tuple(torch.zeros_like(x) if g is None else g for x, g in zip((hidden, weight), grads))
+
+
+def run_reference(case: PolicyCase, dtype=torch.float32):
+    """float64 on the inputs rounded to `dtype`: (loss, logprobs, entropy, clip_frac, ratio_mean, ratio_max),
+    (grad_hidden, grad_weight)."""
+    hidden, weight, *rest = case.args(dtype)
+    hidden = hidden.double().requires_grad_()
+    weight = weight.double().requires_grad_()
+    loss, *others = reference_policy_loss(hidden, weight, *rest, **case.options)
+    if loss.requires_grad:
+        grads = torch.autograd.grad(loss, (hidden, weight))
+    else:  # no action token: the loss is the constant 0
+        grads = (torch.zeros_like(hidden), torch.zeros_like(weight))
+    return (loss.detach(), *others), grads
+
+
+def assert_matches_reference(case: PolicyCase, *, both_branches=True):
+    out, (grad_hidden, grad_weight) = run_fused(case)
+    (loss, lp, ent, clip_fraction, ratio_mean, ratio_max), (ref_gh, ref_gw) = run_reference(case)
+    assert out.loss.dtype == torch.float32
+    assert abs(float(out.loss) - float(loss)) <= LOSS_RTOL * max(abs(float(loss)), 1e-3), (float(out.loss), float(loss))
+    for grad, ref in ((grad_hidden, ref_gh), (grad_weight, ref_gw)):
+        if ref.norm() > 0:
+            assert relative_error(grad, ref) < GRAD_RTOL
+        else:
+            assert grad.abs().max() == 0
+    action = case.labels != -100
+    assert torch.allclose(out.logprobs.double(), lp, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(out.entropy.double(), ent, rtol=1e-5, atol=1e-4)
+    assert (out.logprobs[~action] == 0).all() and (out.entropy[~action] == 0).all()
+    for stat in (out.clip_fraction, out.ratio_mean, out.ratio_max):
+        assert stat.shape == () and stat.dtype == torch.float32 and not stat.requires_grad
+    assert abs(float(out.clip_fraction) - clip_fraction) < 1e-6
+    assert abs(float(out.ratio_mean) - ratio_mean) < 1e-5 * max(1.0, ratio_mean)
+    assert abs(float(out.ratio_max) - ratio_max) < 1e-5 * max(1.0, ratio_max)
+    if both_branches:
+        assert 0 < clip_fraction < 1, clip_fraction
+
+
+MIXED = [7, 1, 13, 0, 9]  # a length-1 sequence (one action token) and an empty one
+CASES = {
+    "token_kl_per_sequence_adv": dict(seq_lens=MIXED, hidden_size=24, vocab_size=101),
+    "token_no_kl_per_token_adv_asymmetric": dict(seq_lens=MIXED, hidden_size=24, vocab_size=101, per_token=True,
+                                                 with_ref=False, clip_low=0.2, clip_high=0.28),
+    "sequence_kl_per_token_adv_no_action_seq": dict(seq_lens=[6, 8, 4, 1], hidden_size=12, vocab_size=57,
+                                                    per_token=True, empty_seq=1, loss_agg="sequence"),
+    "sequence_no_kl_temperature_asymmetric": dict(seq_lens=MIXED, hidden_size=16, vocab_size=77, with_ref=False,
+                                                  loss_agg="sequence", temperature=0.7, clip_low=0.1,
+                                                  clip_high=0.3),
+    "global_num_tokens_temperature": dict(seq_lens=[10, 3, 12], hidden_size=12, vocab_size=57, num_tokens=100,
+                                          temperature=1.3, kl_coef=0.1),
+    "odd_vocab_two_token_blocks": dict(seq_lens=[40, 9, 30], hidden_size=33, vocab_size=1531, per_token=True,
+                                       clip_high=0.28),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_float64_reference(name):
+    assert_matches_reference(make_policy_case(seed=fresh_seed(), **CASES[name]))
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_sequence_adv", "per_token_adv"])
+def test_single_token(per_token):
+    """T = 1 (one sequence of one action token): one branch only, by construction."""
+    case = make_policy_case([1], 8, 17, seed=fresh_seed(), per_token=per_token)
+    assert_matches_reference(case, both_branches=False)
+
+
+def test_no_action_token_at_all():
+    """Every label ignored: loss, gradients and statistics are exactly 0."""
+    case = make_policy_case([3, 5], 8, 31, seed=fresh_seed(), loss_agg="sequence")
+    case.labels[:] = -100
+    out, (grad_hidden, grad_weight) = run_fused(case)
+    assert float(out.loss) == 0 and grad_hidden.abs().max() == 0 and grad_weight.abs().max() == 0
+    assert float(out.clip_fraction) == float(out.ratio_mean) == float(out.ratio_max) == 0
+
+
+def test_many_chunks_and_no_grad():
+    """The internal op directly: 9 chunks of 7 tokens (statistics and the weight gradient gathered across
+    chunks), and the same call under torch.no_grad() (statistics and log-probs, no gradient work)."""
+    case = make_policy_case([30, 1, 20, 12], 16, 203, seed=fresh_seed(), per_token=True, temperature=1.3)
+    (loss, lp, _, clip_fraction, ratio_mean, ratio_max), (ref_gh, ref_gw) = run_reference(case)
+    scale = token_scales(case.labels, case.cu_seqlens, "token")
+    args = (case.labels, case.advantages, case.old_logprobs, scale, case.ref_logprobs, 0.05 * scale, 0.2, 0.2)
+    hidden = case.hidden.clone().requires_grad_()
+    weight = case.weight.clone().requires_grad_()
+    out_loss, out_lp, _, stats = linear_policy_loss(hidden, weight, *args, temperature=1.3, chunk_size=7)
+    out_loss.backward()
+    assert abs(float(out_loss) - float(loss)) <= LOSS_RTOL * max(abs(float(loss)), 1e-3)
+    assert relative_error(hidden.grad, ref_gh) < GRAD_RTOL and relative_error(weight.grad, ref_gw) < GRAD_RTOL
+    assert abs(float(stats["clip_fraction"]) - clip_fraction) < 1e-6 and 0 < clip_fraction < 1
+    assert abs(float(stats["ratio_mean"]) - ratio_mean) < 1e-5 * max(1.0, ratio_mean)
+    assert abs(float(stats["ratio_max"]) - ratio_max) < 1e-5 * max(1.0, ratio_max)
+    with torch.no_grad():
+        nograd_loss, nograd_lp, _, nograd_stats = linear_policy_loss(hidden, weight, *args, temperature=1.3)
+    assert not nograd_loss.requires_grad
+    assert torch.allclose(nograd_lp.double(), lp, rtol=1e-5, atol=1e-5)
+    assert abs(float(nograd_stats["clip_fraction"]) - clip_fraction) < 1e-6
+
+
+def test_surrogate_gradient_scale_is_a_power_of_two_bounding_the_logit_gradient():
+    scale = torch.tensor([1e-3, 2e-3, 0.0])
+    empty = torch.zeros(3)
+    surrogate = ClippedSurrogate(torch.tensor([0.5, -4.0, 9.0]), empty, empty, empty, 0.2, 0.28)
+    kl = torch.tensor([1e-4, 3e-4, 0.0])
+    sigma = surrogate_gradient_scale(scale, surrogate, kl, True, 0.5)
+    bound = (8e-3 * 1.28 + 3e-4) / 0.5
+    assert 0.5 < bound * sigma.item() <= 1.0
+    assert torch.log2(sigma).item() == round(torch.log2(sigma).item())
+    without_kl = surrogate_gradient_scale(scale, surrogate, kl, False, 0.5)
+    assert 0.5 < 8e-3 * 1.28 / 0.5 * without_kl.item() <= 1.0
+
+
+def test_bad_per_token_inputs_are_refused():
+    case = make_policy_case([4, 4], 8, 31, seed=1)
+    scale = token_scales(case.labels, case.cu_seqlens, "token")
+    with pytest.raises(ValueError, match=r"^advantages: expected a float32 tensor of shape \(8,\)"):
+        linear_policy_loss(case.hidden, case.weight, case.labels, case.advantages, case.old_logprobs, scale, None,
+                           scale, 0.2, 0.2)
+
+
+# ---- bf16 / fp16: no worse than what a user writes in plain torch in that dtype ----
+
+def plain_torch_policy_loss(case: PolicyCase, dtype):
+    """Logits, softmax, ratios and the loss in `dtype`, autograd for the gradients."""
+    hidden, weight, labels, cu_seqlens, advantages, old, ref = case.args(dtype)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    options = case.options
+    log_probs = torch.log_softmax(hidden @ weight.T / options.get("temperature", 1.0), -1)
+    lp = log_probs.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+    adv = (advantages if len(advantages) == len(labels) else advantages[seq]).to(dtype)
+    ratio = torch.exp(lp - old.to(dtype))
+    clipped = ratio.clamp(1 - options.get("clip_low", 0.2), 1 + options.get("clip_high", 0.2))
+    term = -torch.minimum(ratio * adv, clipped * adv)
+    if ref is not None:
+        d = ref.to(dtype) - lp
+        term = term + options["kl_coef"] * (torch.exp(d) - d - 1)
+    scale = token_scales(labels, cu_seqlens, options.get("loss_agg", "token"), options.get("num_tokens"))
+    loss = torch.where(labels != -100, term * scale.to(dtype), 0).sum()
+    return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+
+
+LOW_PRECISION_CASES = {
+    "token_kl": dict(seq_lens=[30, 17, 40], hidden_size=64, vocab_size=515, per_token=True),
+    "sequence_odd_vocab_temperature": dict(seq_lens=[33, 1, 20], hidden_size=48, vocab_size=1531,
+                                           loss_agg="sequence", temperature=0.7, clip_high=0.28),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", sorted(LOW_PRECISION_CASES))
+def test_low_precision_no_worse_than_plain_torch(dtype, name):
+    case = make_policy_case(seed=fresh_seed(), round_to=dtype, **LOW_PRECISION_CASES[name])
+    out, (grad_hidden, grad_weight) = run_fused(case, dtype)
+    (loss, *_), (ref_gh, ref_gw) = run_reference(case, dtype)
+    plain_loss, plain_gh, plain_gw = plain_torch_policy_loss(case, dtype)
+    assert grad_hidden.dtype == dtype and grad_weight.dtype == dtype
+    errors = {"loss": scalar_relative_error(out.loss, loss), "loss_plain": scalar_relative_error(plain_loss, loss),
+              "grad_hidden": relative_error(grad_hidden, ref_gh), "grad_hidden_plain": relative_error(plain_gh, ref_gh),
+              "grad_weight": relative_error(grad_weight, ref_gw), "grad_weight_plain": relative_error(plain_gw, ref_gw)}
+    print(name, dtype, {k: f"{v:.2e}" for k, v in errors.items()})
+    for key in ("loss", "grad_hidden", "grad_weight"):
+        assert errors[key] <= 2 * errors[key + "_plain"] + 1e-6, errors
+
+
+def test_fp16_gradients_survive_tiny_token_scales_under_loss_scaling():
+    """A global token count of 4M makes every token scale 2.5e-7; fp16 training multiplies the loss by a
+    scaler's 2^16 before backward. The gradients formed in the forward pass are stored under the
+    power-of-two scale, so they must not have flushed to zero."""
+    case = make_policy_case([30, 20], 32, 257, seed=fresh_seed(), round_to=torch.float16, num_tokens=4_000_000)
+    loss_scale = 2.0 ** 16
+    hidden, weight, *rest = case.args(torch.float16)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    out = oreal.fused_policy_loss(hidden, weight, *rest, backend="triton", **case.options)
+    (out.loss * loss_scale).backward()
+    _, (ref_gh, ref_gw) = run_reference(case, torch.float16)
+    assert ref_gh.abs().max() < 1e-5  # the regime under test: true gradients below fp16's normal range
+    errors = (relative_error(hidden.grad.double() / loss_scale, ref_gh),
+              relative_error(weight.grad.double() / loss_scale, ref_gw))
+    assert max(errors) < 1e-2, errors
+
+
+def test_fp16_large_ratio_on_a_negative_advantage():
+    """The gradient scale assumes ratios near the clip range; a negative-advantage token takes the
+    unclipped branch at any ratio above it, so its logit gradient exceeds the bound by the ratio.
+    At r ~ e^9 (thousands) the fp16 gradients must still be finite and no worse than plain torch."""
+    case = make_policy_case([20, 12], 32, 257, seed=fresh_seed(), round_to=torch.float16, per_token=True)
+    token = (case.labels != -100).nonzero()[2, 0]
+    case.advantages[token] = -1.5
+    case.old_logprobs[token] -= 9.0
+    out, (grad_hidden, grad_weight) = run_fused(case, torch.float16)
+    (_, _, _, _, _, ratio_max), (ref_gh, ref_gw) = run_reference(case, torch.float16)
+    _, plain_gh, plain_gw = plain_torch_policy_loss(case, torch.float16)
+    assert ratio_max > 1000 and abs(float(out.ratio_max) - ratio_max) < 1e-5 * ratio_max
+    assert torch.isfinite(grad_hidden).all() and torch.isfinite(grad_weight).all()
+    assert relative_error(grad_hidden, ref_gh) <= 2 * relative_error(plain_gh, ref_gh) + 1e-6
+    assert relative_error(grad_weight, ref_gw) <= 2 * relative_error(plain_gw, ref_gw) + 1e-6
