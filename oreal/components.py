@@ -8,9 +8,10 @@ What gets built, on every rank unless noted:
 - the tokenizer and, for `model.tiny.enabled`, a tiny random Qwen2 written once (by rank 0) to
   `<output_dir>/tiny_model`, so that every rank and the engine load the very same weights;
 - the prompt dataset and its sampler (sharded over ranks, resumable);
-- the policy (FSDP2, with the fused loss in its root forward), the frozen reference policy (FSDP2,
-  forward only; skipped when `loss.kl_coef` is 0) and the token RM (FSDP2; skipped when
-  `loss.use_token_rm` is false), with AdamW and warm-up + cosine schedules;
+- the policy (FSDP2, with the algorithm's fused loss in its root forward: OREAL's, or the clipped
+  surrogate of `--algorithm grpo|ppo`), the frozen reference policy (FSDP2, forward only; built only
+  when the algorithm's KL term needs it), the token RM (FSDP2; OREAL with `loss.use_token_rm`) and
+  PPO's critic (FSDP2), with AdamW and warm-up + cosine schedules;
 - the rollout engine (rank 0 only) behind a `DistributedGenerator`, with the weight syncer;
 - the judge; the eval sets.
 """
@@ -27,7 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from oreal.config import Config
+from oreal.config import Config, needs_reference
 from oreal.distributed import DistContext, shard
 from oreal.schedule import warmup_cosine
 
@@ -87,6 +88,14 @@ def model_paths(cfg: Config, ctx: DistContext, group) -> tuple[str, str, str]:
     _check_model_dir("model.reference_path" if cfg.model.reference_path else "model.path", reference)
     _check_model_dir("model.token_rm_path" if cfg.model.token_rm_path else "model.path", token_rm)
     return policy, reference, token_rm
+
+
+def critic_path(cfg: Config, policy_path: str) -> str:
+    """`critic.path`, or the policy's own starting point (the tiny model, or `model.path`)."""
+    if cfg.critic.path and not cfg.model.tiny.enabled:
+        _check_model_dir("critic.path", cfg.critic.path)
+        return cfg.critic.path
+    return policy_path
 
 
 def load_tokenizer(path: str):
@@ -196,30 +205,60 @@ def build_optimizer(module: torch.nn.Module, optim_cfg, ctx: DistContext, *, tot
     return optimizer, scheduler
 
 
+def policy_temperature(cfg: Config) -> float:
+    """The softmax temperature of the trained log-probs: OREAL's loss uses the plain model (1.0); the clipped
+    recipes use the sampling temperature, as RLinf and verl do, so that the ratio's old log-probs describe the
+    distribution the samples were drawn from."""
+    return 1.0 if cfg.algorithm == "oreal" else cfg.rollout.temperature
+
+
+def _policy_root(cfg: Config, lm: torch.nn.Module) -> torch.nn.Module:
+    if cfg.algorithm == "oreal":
+        from oreal.policy import LossCoefficients, PolicyWithLoss
+
+        return PolicyWithLoss(lm, LossCoefficients(kl_coef=cfg.loss.kl_coef, pos_coef=cfg.loss.pos_coef,
+                                                   neg_coef=cfg.loss.neg_coef, backend=cfg.loss.backend))
+    from oreal.recipes.models import ClippedSurrogatePolicy, ClipSettings
+
+    p = cfg.ppo
+    return ClippedSurrogatePolicy(lm, ClipSettings(clip_low=p.clip_low, clip_high=p.clip_high, kl_coef=p.kl_coef,
+                                                   loss_agg=p.loss_agg, temperature=policy_temperature(cfg),
+                                                   backend=cfg.loss.backend))
+
+
 def build_models(cfg: Config, ctx: DistContext, paths: tuple[str, str, str]):
     """(policy, reference or None, token RM or None), each FSDP2-sharded over the ranks."""
-    from oreal.policy import LossCoefficients, PolicyWithLoss, ReferencePolicy
+    from oreal.policy import ReferencePolicy
     from oreal.token_rm import TokenRewardModel
 
     dtype = param_dtype(cfg, ctx)
     policy_path, reference_path, rm_path = paths
-    coefficients = LossCoefficients(kl_coef=cfg.loss.kl_coef, pos_coef=cfg.loss.pos_coef, neg_coef=cfg.loss.neg_coef,
-                                    backend=cfg.loss.backend)
     lm = _load_lm(cfg, policy_path, torch.float32, ctx)  # fp32 master weights; compute in `dtype`
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy = shard(PolicyWithLoss(lm, coefficients), ctx, param_dtype=dtype)
+    policy = shard(_policy_root(cfg, lm), ctx, param_dtype=dtype)
     reference = None
-    if cfg.loss.kl_coef > 0:
+    if needs_reference(cfg):
         ref_lm = _load_lm(cfg, reference_path, dtype, ctx)  # frozen: held in the compute dtype
-        reference = shard(ReferencePolicy(ref_lm, backend=cfg.loss.backend), ctx, param_dtype=None)
+        reference = shard(ReferencePolicy(ref_lm, backend=cfg.loss.backend, temperature=policy_temperature(cfg)),
+                          ctx, param_dtype=None)
     token_rm = None
-    if cfg.loss.use_token_rm:
+    if cfg.algorithm == "oreal" and cfg.loss.use_token_rm:
         rm_lm = _load_lm(cfg, rm_path, torch.float32, ctx)
         if cfg.model.gradient_checkpointing:
             rm_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         token_rm = shard(TokenRewardModel(rm_lm), ctx, param_dtype=dtype)
     return policy, reference, token_rm
+
+
+def build_critic(cfg: Config, ctx: DistContext, path: str) -> torch.nn.Module:
+    """PPO's critic (FSDP2): the model at `path` with its lm_head replaced by a zero-initialised value head."""
+    from oreal.recipes.models import ValueModel
+
+    lm = _load_lm(cfg, path, torch.float32, ctx)
+    if cfg.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return shard(ValueModel(lm), ctx, param_dtype=param_dtype(cfg, ctx))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -373,6 +412,9 @@ class Components:
     eval_sets: list
     stop_token_ids: tuple[int, ...]
     object_group: Any
+    critic: torch.nn.Module | None = None  # PPO only
+    critic_optim: torch.optim.Optimizer | None = None
+    critic_sched: Any = None
 
     def close(self) -> None:
         if self.generator is not None:
@@ -392,6 +434,7 @@ def build(cfg: Config, ctx: DistContext) -> Components:
     check_files(cfg)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     paths = model_paths(cfg, ctx, object_group)  # fails fast on a missing model path
+    critic_dir = critic_path(cfg, paths[0]) if cfg.algorithm == "ppo" else None  # and on a missing critic path
     tokenizer = load_tokenizer(paths[0])
     dataset, sampler = build_dataset(cfg, tokenizer, ctx)  # fails fast on missing / empty prompt files
     judge = Judge(cfg)  # fails fast on an unreachable verifier
@@ -405,6 +448,10 @@ def build(cfg: Config, ctx: DistContext) -> Components:
         rm_optim = rm_sched = None
         if token_rm is not None:
             rm_optim, rm_sched = build_optimizer(token_rm, cfg.rm_optim, ctx, total_updates=cfg.train.steps)
+        critic = critic_optim = critic_sched = None
+        if cfg.algorithm == "ppo":
+            critic = build_critic(cfg, ctx, critic_dir)
+            critic_optim, critic_sched = build_optimizer(critic, cfg.critic_optim, ctx, total_updates=cfg.train.steps)
         generator = build_generator(cfg, ctx, policy.lm, launcher.result(object_group), object_group)
     except BaseException:
         launcher.abandon()
@@ -417,7 +464,8 @@ def build(cfg: Config, ctx: DistContext) -> Components:
     return Components(ctx=ctx, tokenizer=tokenizer, hf_config=hf_config, dataset=dataset, sampler=sampler,
                       policy=policy, reference=reference, token_rm=token_rm, policy_optim=policy_optim,
                       policy_sched=policy_sched, rm_optim=rm_optim, rm_sched=rm_sched, generator=generator,
-                      judge=judge, eval_sets=eval_sets, stop_token_ids=stops, object_group=object_group)
+                      judge=judge, eval_sets=eval_sets, stop_token_ids=stops, object_group=object_group,
+                      critic=critic, critic_optim=critic_optim, critic_sched=critic_sched)
 
 
 def _plain(cfg: Config) -> dict:

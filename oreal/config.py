@@ -129,6 +129,42 @@ class LossConfig:
 
 
 @dataclass(kw_only=True)
+class PPOConfig:
+    """The clipped-surrogate update of `--algorithm grpo` and `--algorithm ppo` (unused by OREAL).
+
+    Each step's samples are split into `minibatches` (one optimizer update each) and trained on for
+    `epochs` passes, against the log-probs a no-grad forward of the policy gave before the first
+    update; `oreal.fused_policy_loss` is the loss. `early_stop_ratio` is RLinf's minibatch early-stop:
+    a minibatch whose importance ratio (its token mean, or max, over every rank) exceeds it is skipped
+    (no update) and counted in `update/skipped_minibatches`.
+    """
+
+    epochs: int = 1
+    minibatches: int = 4
+    clip_low: float = 0.2  # the ratio is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2
+    loss_agg: str = "token"  # token: sum over the minibatch's tokens / their count (DAPO); sequence: mean of means
+    kl_coef: float = 0.0  # k3 KL to the frozen initial policy, in the loss
+    early_stop_ratio: float = 0.0  # skip a minibatch whose importance ratio exceeds this; 0: never
+    early_stop_statistic: str = "mean"  # mean: token mean over the minibatch (RLinf); max: the largest ratio
+    reward_correct: float = 1.0  # the judge's verdict as a reward
+    reward_wrong: float = -1.0
+    group_norm_eps: float = 1e-6  # GRPO: (r - mean) / (std + eps) over the samples of a prompt
+
+
+@dataclass(kw_only=True)
+class CriticConfig:
+    """PPO's critic (`--algorithm ppo`): a copy of the policy with a zero-initialised scalar value head."""
+
+    path: str = ""  # default: `model.path` (SimpleRL-Zero's critic starts from the base model too)
+    value_clip: float = 0.2  # V is clipped to V_old +- value_clip in the value loss
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    whiten_advantages: bool = True  # normalise GAE advantages over the step's tokens (all ranks)
+    kl_reward_coef: float = 0.0  # per-token reward -coef * (log pi_old - log pi_ref), as OpenRLHF's init_kl_coef
+
+
+@dataclass(kw_only=True)
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay to a floor."""
 
@@ -193,13 +229,18 @@ class Config:
 
     output_dir: str = "outputs/oreal"
     resume: str = ""  # "": start fresh; "latest": the newest checkpoint in output_dir; or a checkpoint directory
+    # oreal: the paper's step (oreal.trainer); grpo: RLinf's GRPO; ppo: PPO with a critic (oreal.recipes)
+    algorithm: str = "oreal"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     policy_optim: OptimConfig = field(default_factory=OptimConfig)
     rm_optim: OptimConfig = field(default_factory=OptimConfig)
+    critic_optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -216,7 +257,12 @@ class Config:
 # Validation
 # --------------------------------------------------------------------------------------------------
 
+ALGORITHMS = ("oreal", "grpo", "ppo")
+
 CHOICES = {
+    "algorithm": ALGORITHMS,
+    "ppo.loss_agg": ("token", "sequence"),
+    "ppo.early_stop_statistic": ("mean", "max"),
     "data.format": ("auto", "oreal", "areal", "math", "gsm8k"),
     "rollout.engine": ("vllm", "hf"),
     "loss.backend": ("auto", "torch", "triton", "native"),
@@ -237,8 +283,12 @@ def _validate(cfg: Config) -> None:
     need(bool(cfg.model.path) or cfg.model.tiny.enabled, "model.path",
          "is required (a local Hugging Face model directory), unless --model.tiny.enabled true")
     need(cfg.data.prompts_per_step > 0, "data.prompts_per_step", "must be > 0")
-    need(cfg.data.samples_per_prompt >= 2, "data.samples_per_prompt",
-         "must be >= 2 (RLOO's baseline needs the other samples of a prompt)")
+    if cfg.algorithm == "ppo":  # the critic is the baseline: one sample per prompt is enough
+        need(cfg.data.samples_per_prompt >= 1, "data.samples_per_prompt", "must be >= 1")
+    else:
+        baseline = "RLOO's" if cfg.algorithm == "oreal" else "GRPO's group"
+        need(cfg.data.samples_per_prompt >= 2, "data.samples_per_prompt",
+             f"must be >= 2 ({baseline} baseline needs the other samples of a prompt)")
     need(bool(cfg.data.train_files), "data.train_files", "lists no file; give JSONL prompt files")
     for band in cfg.data.difficulty_balance:
         need(len(band) == 3 and 0 <= band[0] <= band[1] <= 1 and int(band[2]) >= 0, "data.difficulty_balance",
@@ -253,7 +303,7 @@ def _validate(cfg: Config) -> None:
          f"must hold one whole sequence of rollout.max_total_tokens ({cfg.rollout.max_total_tokens})")
     need(cfg.train.steps > 0, "train.steps", "must be > 0")
     need(cfg.train.freeze_policy_steps >= 0, "train.freeze_policy_steps", "must be >= 0")
-    for name in ("policy_optim", "rm_optim"):
+    for name in ("policy_optim", "rm_optim", "critic_optim"):
         optim: OptimConfig = getattr(cfg, name)
         need(optim.lr > 0, f"{name}.lr", "must be > 0")
         need(0 <= optim.min_lr <= optim.lr, f"{name}.min_lr", f"must be in [0, {name}.lr={optim.lr}]")
@@ -262,6 +312,7 @@ def _validate(cfg: Config) -> None:
         need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), f"{name}.betas",
              "must be two numbers in [0, 1)")
     need(cfg.loss.kl_coef >= 0, "loss.kl_coef", "must be >= 0")
+    _validate_ppo(cfg, need)
     need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
     need(cfg.eval.interval >= 0, "eval.interval", "must be >= 0")
@@ -270,6 +321,33 @@ def _validate(cfg: Config) -> None:
          "lists no file, but evaluation is enabled (eval.interval or eval.at_start)")
     need(cfg.debug.kill_after_step >= 0, "debug.kill_after_step", "must be >= 0")
     need(cfg.debug.nonfinite_at_step >= 0, "debug.nonfinite_at_step", "must be >= 0")
+
+
+def _validate_ppo(cfg: Config, need) -> None:
+    """The `ppo` and `critic` sections (checked whatever the algorithm, so a bad value never waits for a switch)."""
+    p, c = cfg.ppo, cfg.critic
+    need(p.epochs >= 1, "ppo.epochs", "must be >= 1")
+    need(p.minibatches >= 1, "ppo.minibatches", "must be >= 1")
+    need(0 <= p.clip_low < 1, "ppo.clip_low", f"must be in [0, 1), got {p.clip_low}")
+    need(p.clip_high >= 0, "ppo.clip_high", f"must be >= 0, got {p.clip_high}")
+    need(p.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
+    need(p.early_stop_ratio >= 0, "ppo.early_stop_ratio", "must be >= 0 (0: never skip a minibatch)")
+    need(p.reward_correct > p.reward_wrong, "ppo.reward_correct",
+         f"must exceed ppo.reward_wrong ({p.reward_wrong}), got {p.reward_correct}")
+    need(p.group_norm_eps > 0, "ppo.group_norm_eps", "must be > 0")
+    need(c.value_clip > 0, "critic.value_clip", "must be > 0")
+    need(0 < c.gamma <= 1, "critic.gamma", f"must be in (0, 1], got {c.gamma}")
+    need(0 <= c.lam <= 1, "critic.lam", f"must be in [0, 1], got {c.lam}")
+    need(c.kl_reward_coef >= 0, "critic.kl_reward_coef", "must be >= 0")
+
+
+def needs_reference(cfg: Config) -> bool:
+    """Whether the algorithm's loss or reward reads the frozen initial policy's log-probs."""
+    if cfg.algorithm == "oreal":
+        return cfg.loss.kl_coef > 0
+    if cfg.algorithm == "ppo" and cfg.critic.kl_reward_coef > 0:
+        return True
+    return cfg.ppo.kl_coef > 0
 
 
 # --------------------------------------------------------------------------------------------------

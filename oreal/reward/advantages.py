@@ -107,12 +107,33 @@ def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, labels: to
 
 
 def outcome_token_rewards(rewards: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """Per-sequence outcome rewards `[S]` placed on each sequence's last action token, `[T]` float32."""
-    action = (labels != -100).long()
-    positions = torch.arange(labels.numel(), device=labels.device)
-    out = torch.zeros(labels.numel(), dtype=torch.float32, device=labels.device)
-    for i, (start, end) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
-        acts = positions[start:end][action[start:end].bool()]
-        if acts.numel():
-            out[acts[-1]] = float(rewards[i])
+    """Per-sequence outcome rewards `[S]` placed on each sequence's last action token, `[T]` float32.
+
+    A sequence without action tokens (an empty response, a padding sequence) places nothing.
+    """
+    num_tokens = labels.numel()
+    num_seqs = cu_seqlens.numel() - 1
+    if rewards.shape != (num_seqs,):
+        raise ValueError(f"rewards: expected [S]={num_seqs} per-sequence values, got {tuple(rewards.shape)}")
+    action = labels != -100
+    positions = torch.arange(num_tokens, device=labels.device)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(num_seqs, device=labels.device), lengths, output_size=num_tokens)
+    last = torch.full((num_seqs,), -1, dtype=torch.long, device=labels.device)
+    last = last.scatter_reduce(0, seq, torch.where(action, positions, -1), reduce="amax")
+    out = torch.zeros(num_tokens, dtype=torch.float32, device=labels.device)
+    has_actions = last >= 0
+    out[last[has_actions]] = rewards.float().to(labels.device)[has_actions]
+    return out
+
+
+def kl_penalized_rewards(rewards: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor,
+                         logprobs: torch.Tensor, ref_logprobs: torch.Tensor | None, kl_coef: float) -> torch.Tensor:
+    """PPO's per-token reward with a KL penalty in the reward (OpenRLHF's `init_kl_coef`, used by SimpleRL-Zero):
+    the outcome reward on each sequence's last action token, minus `kl_coef * (lp_t - ref_lp_t)` (the k1
+    estimate of KL(pi || pi_ref)) on every action token. `[T]` float32, 0 off action tokens."""
+    out = outcome_token_rewards(rewards, labels, cu_seqlens)
+    if kl_coef and ref_logprobs is not None:
+        action = labels != -100
+        out = out - kl_coef * torch.where(action, logprobs.float() - ref_logprobs.float(), 0.0)
     return out

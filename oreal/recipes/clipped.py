@@ -1,0 +1,264 @@
+"""The clipped-surrogate update shared by GRPO and PPO, on top of the common trainer machinery.
+
+One step's update, after the samples have their advantages:
+
+    minibatches     the step's samples of all ranks, shuffled by (seed, step) and split into `ppo.minibatches`
+                    groups, each packed into balanced micro-batches (every rank gets as many)
+    old log-probs   a no-grad forward of the policy over every micro-batch before the first update (as RLinf
+                    and verl do, rather than trusting the sampler's numbers), and the reference's when a KL
+                    term needs them
+    epochs          `ppo.epochs` passes over the minibatches, in a (seed, step, epoch)-seeded order; per
+                    minibatch: fused clipped-surrogate loss per micro-batch (normalised by the minibatch's
+                    global token count, DAPO's token-level loss), backward, then one of
+                      - skip: the minibatch's importance ratio (token mean over all ranks, or max) exceeds
+                        `ppo.early_stop_ratio`: its gradients are dropped (RLinf's early-stop), counted in
+                        `update/skipped_minibatches`
+                      - update: clip and step (skipped and counted in `faults/skipped_steps` if not finite)
+
+RLinf zeroes the loss of a micro-batch whose ratio is too large; here the decision is taken once for a
+whole minibatch (one optimizer update), after its forward-backward, from the ratio of exactly the policy
+that produced its gradient, so no extra forward is needed and every rank decides alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from oreal.data import PackedBatch, pack_rollouts
+from oreal.data import Rollout as TrainingSample
+from oreal.distributed import all_reduce_sum
+from oreal.ppo import should_skip_minibatch
+from oreal.recipes.base import BaseTrainer
+
+# Every key below is in every line of metrics.jsonl of a GRPO or PPO run ("nan" where nothing was measured).
+CLIPPED_METRICS = (
+    "reward/mean", "reward/pass_rate", "reward/scaled_mean", "advantage/mean", "advantage/abs_mean",
+    "filter/kept_prompts", "filter/kept_samples", "filter/all_correct_prompts", "filter/all_wrong_prompts",
+    "response/length_mean", "response/length_max", "response/truncated_fraction", "data/overlong_prompts",
+    "loss/policy", "policy/entropy", "policy/kl", "policy/clip_fraction", "policy/ratio_mean", "policy/ratio_max",
+    "update/minibatches", "update/applied", "update/skipped_minibatches", "update/skipped_minibatches_total",
+    "grad_norm/policy", "lr/policy", "policy/frozen", "policy/updated", "faults/skipped_steps",
+    "packing/micro_batches", "throughput/tokens_per_s", "throughput/rollout_tokens_per_s",
+    "throughput/train_tokens_per_s", "time/rollout", "time/judge", "time/logprobs", "time/train", "time/sync",
+    "time/step", "judge/timeouts",
+)
+
+
+@dataclass
+class Minibatch:
+    """One optimizer update's share of the step: this rank's micro-batches and global counts (all ranks)."""
+
+    micro_batches: list[PackedBatch]
+    action_tokens: torch.Tensor | None = None  # 0-d float: the loss's token normaliser
+    sequences: torch.Tensor | None = None  # 0-d float: sequences with at least one action token
+    tokens: float = 0.0  # all tokens, prompts included (throughput)
+
+
+def active_sequences(batch: PackedBatch) -> int:
+    """Sequences of `batch` with at least one action token (host-side metadata, no device sync)."""
+    if batch.is_padding:
+        return 0
+    return sum(1 for length, prompt in zip(batch.seq_lens, batch.prompt_lens) if length > prompt)
+
+
+class PolicyPassStats:
+    """Per-step policy statistics, accumulated over minibatch passes (token-weighted means, a max, counts)."""
+
+    def __init__(self):
+        self.sums = {"loss": 0.0, "clipped": 0.0, "ratio": 0.0, "entropy": 0.0, "k3": 0.0, "tokens": 0.0}
+        self.ratio_max = 0.0
+        self.passes = self.applied = self.skipped = 0
+        self.norms: list[float] = []
+
+    def add(self, mb: dict) -> None:
+        for key in self.sums:
+            self.sums[key] += mb[key]
+        self.ratio_max = max(self.ratio_max, mb["ratio_max"])
+        self.passes += 1
+        self.applied += int(mb["applied"])
+        self.skipped += int(mb["skipped"])
+        if mb["applied"]:
+            self.norms.append(mb["grad_norm"])
+
+    def metrics(self, has_reference: bool) -> dict:
+        s, nan = self.sums, math.nan
+        tokens = s["tokens"]
+        per_token = (lambda v: v / tokens) if tokens else (lambda v: nan)
+        return {"loss/policy": s["loss"] / self.passes if self.passes else nan,
+                "policy/entropy": per_token(s["entropy"]),
+                "policy/kl": per_token(s["k3"]) if has_reference else nan,
+                "policy/clip_fraction": per_token(s["clipped"]), "policy/ratio_mean": per_token(s["ratio"]),
+                "policy/ratio_max": self.ratio_max if self.passes else nan,
+                "update/minibatches": float(self.passes), "update/applied": float(self.applied),
+                "update/skipped_minibatches": float(self.skipped),
+                "grad_norm/policy": sum(self.norms) / len(self.norms) if self.norms else nan}
+
+
+class ClippedUpdateTrainer(BaseTrainer):
+    """GRPO's and PPO's shared update; subclasses write `train_step` and say where advantages come from."""
+
+    REQUIRED_METRICS = CLIPPED_METRICS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped_minibatches = 0  # over the run (checkpointed)
+
+    # ---------------------------------------------------------------------------------------------
+    # Samples and minibatches
+    # ---------------------------------------------------------------------------------------------
+    def rewards(self, correct: list[bool]) -> torch.Tensor:
+        """The judge's verdicts as rewards: `ppo.reward_correct` / `ppo.reward_wrong` (RLinf: +5 / -5)."""
+        p = self.cfg.ppo
+        return torch.tensor([p.reward_correct if c else p.reward_wrong for c in correct], dtype=torch.float32)
+
+    @staticmethod
+    def training_samples(prompts, samples, advantages, correct) -> list[TrainingSample]:
+        """Every sample of every prompt (nothing is filtered), with its advantage and verdict."""
+        flat = [(p, s) for p, group in zip(prompts, samples) for s in group]
+        return [TrainingSample(prompt_ids=p.input_ids, response_ids=s.token_ids, advantage=float(a),
+                               is_positive=bool(c)) for (p, s), a, c in zip(flat, advantages.tolist(), correct)]
+
+    def make_minibatches(self, local_samples: list[TrainingSample], step: int) -> list[Minibatch]:
+        """Every rank's samples, shuffled by (seed, step), split into `ppo.minibatches` groups, each packed into
+        this rank's balanced micro-batches; global token and sequence counts all-reduced once."""
+        ctx, cfg = self.ctx, self.cfg
+        everyone = self.gather_samples(local_samples)
+        if not everyone:
+            self.packing_report = None
+            return []
+        order = np.random.default_rng([cfg.train.seed, step, 0x6D62]).permutation(len(everyone))
+        chunks = [c for c in np.array_split(order, min(cfg.ppo.minibatches, len(everyone))) if len(c)]
+        minibatches, worst = [], None
+        for chunk in chunks:
+            batches, report = pack_rollouts([everyone[i] for i in chunk], max_tokens=cfg.train.micro_batch_tokens,
+                                            world_size=ctx.world_size, rank=ctx.rank,
+                                            pad_token_id=self.parts.tokenizer.pad_token_id or 0)
+            if worst is None or report.largest_over_rank_mean > worst.largest_over_rank_mean:
+                worst = report
+            minibatches.append(Minibatch([b.to(ctx.device) for b in batches]))
+        self.packing_report = worst
+        rows = []  # per minibatch: action tokens (on the device: no host sync), sequences, tokens (host metadata)
+        for mb in minibatches:
+            real = [b for b in mb.micro_batches if not b.is_padding]
+            actions = sum((b.action_mask.sum() for b in real), torch.zeros((), dtype=torch.int64, device=ctx.device))
+            host = torch.tensor([sum(active_sequences(b) for b in real), sum(b.num_tokens for b in real)],
+                                dtype=torch.float64, device=ctx.device)
+            rows.append(torch.cat([actions.double().reshape(1), host]))
+        counts = all_reduce_sum(torch.stack(rows), ctx)
+        for mb, (actions, sequences, tokens) in zip(minibatches, counts):
+            mb.action_tokens, mb.sequences, mb.tokens = actions.float(), sequences.float(), float(tokens)
+        return minibatches
+
+    def passes(self, minibatches: list[Minibatch], step: int):
+        """`ppo.epochs` passes over the minibatches, each in an order seeded by (seed, step, epoch)."""
+        for epoch in range(self.cfg.ppo.epochs):
+            order = np.random.default_rng([self.cfg.train.seed, step, epoch, 0x6570]).permutation(len(minibatches))
+            for index in order:
+                yield minibatches[int(index)]
+
+    # ---------------------------------------------------------------------------------------------
+    # Old log-probs and the policy update
+    # ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def record_old_logprobs(self, minibatches: list[Minibatch]) -> None:
+        """`old_logprobs` (and `ref_logprobs` when a reference is built) of every micro-batch: a no-grad forward
+        of the current policy, in eval mode, before any update of the step."""
+        parts = self.parts
+        parts.policy.eval()
+        for mb in minibatches:
+            for batch in mb.micro_batches:
+                zeros = torch.zeros(batch.num_tokens, dtype=torch.float32, device=batch.device)
+                out = parts.policy(batch, advantages=zeros, old_logprobs=zeros)
+                batch.old_logprobs = out.logprobs.float()
+                batch.ref_logprobs = parts.reference(batch).float() if parts.reference is not None else None
+
+    def policy_advantages(self, batch: PackedBatch) -> torch.Tensor:
+        """The advantages the loss reads: per sequence `[S]` (GRPO) or per token `[T]` (PPO)."""
+        return batch.advantages
+
+    def policy_minibatch(self, step: int, mb: Minibatch, *, poison: bool = False) -> dict:
+        """Forward-backward of one minibatch through the fused clipped surrogate, then update or skip it.
+
+        Returns the minibatch's global statistics (sums over its tokens, the largest ratio, whether it was
+        applied or skipped, the gradient norm). `poison` (debug.nonfinite_at_step) makes the loss NaN.
+        """
+        parts, ctx, p = self.parts, self.ctx, self.cfg.ppo
+        parts.policy.train()
+        sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)  # loss, clipped, ratio, entropy, k3, tokens
+        ratio_max = torch.zeros((), dtype=torch.float32, device=ctx.device)
+        for batch in mb.micro_batches:
+            out = parts.policy(batch, advantages=self.policy_advantages(batch), old_logprobs=batch.old_logprobs,
+                               ref_logprobs=batch.ref_logprobs, num_tokens=mb.action_tokens)
+            loss = out.loss
+            if p.loss_agg == "sequence":  # the call averaged over its own sequences: re-weight to the minibatch's
+                loss = loss * (active_sequences(batch) / mb.sequences.clamp(min=1))
+            if poison:
+                loss = loss * math.nan
+            (loss * ctx.world_size).backward()
+            action = batch.action_mask
+            tokens = action.sum().double()
+            k3 = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            if batch.ref_logprobs is not None:
+                d = batch.ref_logprobs.double() - out.logprobs.double()
+                k3 = torch.where(action, torch.exp(d) - d - 1, 0.0).sum()
+            sums += torch.stack([loss.detach().double(), out.clip_fraction.double() * tokens,
+                                 out.ratio_mean.double() * tokens, torch.where(action, out.entropy.double(), 0.0).sum(),
+                                 k3, tokens])
+            ratio_max = torch.maximum(ratio_max, out.ratio_max.float())
+        loss, clipped, ratio, entropy, k3, tokens = all_reduce_sum(sums, ctx).tolist()
+        if ctx.world_size > 1:
+            dist.all_reduce(ratio_max, op=dist.ReduceOp.MAX)
+        statistic = ratio_max if p.early_stop_statistic == "max" else torch.tensor(ratio / tokens if tokens else 0.0)
+        stats = {"loss": loss, "clipped": clipped, "ratio": ratio, "entropy": entropy, "k3": k3, "tokens": tokens,
+                 "ratio_max": float(ratio_max), "applied": False, "skipped": False, "grad_norm": math.nan}
+        if should_skip_minibatch(statistic, p.early_stop_ratio or None):  # every rank holds the same statistic
+            parts.policy_optim.zero_grad(set_to_none=True)
+            self.skipped_minibatches += 1
+            stats["skipped"] = True
+            return stats
+        stats["grad_norm"], stats["applied"] = self.update(step, "policy", parts.policy, parts.policy_optim,
+                                                           self.cfg.policy_optim.grad_clip, loss)
+        return stats
+
+    # ---------------------------------------------------------------------------------------------
+    # Metrics and state
+    # ---------------------------------------------------------------------------------------------
+    def learning_rates(self, frozen: bool) -> dict:
+        return {"lr/policy": 0.0 if frozen else self.parts.policy_optim.param_groups[0]["lr"]}
+
+    def advantage_metrics(self, rewards: torch.Tensor, advantages: torch.Tensor) -> dict:
+        """Mean scaled reward over the step's samples, and mean / mean absolute advantage over the (per-sequence)
+        `advantages` this rank holds, all ranks together."""
+        n, r, m, a, abs_a = all_reduce_sum([rewards.numel(), rewards.double().sum(), advantages.numel(),
+                                            advantages.double().sum(), advantages.double().abs().sum()],
+                                           self.ctx).tolist()
+        nan = math.nan
+        return {"reward/scaled_mean": r / n if n else nan, "advantage/mean": a / m if m else nan,
+                "advantage/abs_mean": abs_a / m if m else nan}
+
+    def step_metrics(self, *, timer, samples, correct, group_ids, overlong, rewards, advantages, lrs: dict,
+                     policy: PolicyPassStats, minibatches: list[Minibatch], frozen: bool) -> dict:
+        """The metrics every GRPO / PPO step logs (`CLIPPED_METRICS`); PPO adds its critic's."""
+        self.trained_tokens = sum(mb.tokens for mb in minibatches) * self.cfg.ppo.epochs
+        kept = list(range(len(correct)))  # nothing is filtered
+        return {**self.rollout_metrics(samples, correct, group_ids, kept, overlong),
+                **self.advantage_metrics(rewards, advantages), **lrs,
+                **policy.metrics(has_reference=self.parts.reference is not None),
+                "update/skipped_minibatches_total": float(self.skipped_minibatches),
+                "policy/frozen": float(frozen), "policy/updated": float(policy.applied > 0),
+                "faults/skipped_steps": float(self.skipped_steps),
+                "packing/micro_batches": float(sum(len(mb.micro_batches) for mb in minibatches)),
+                **self.timing_metrics(timer), "time/logprobs": timer.seconds.get("logprobs", 0.0),
+                **self.parts.judge.counters()}
+
+    def trainer_state(self) -> dict:
+        return {**super().trainer_state(), "skipped_minibatches": self.skipped_minibatches}
+
+    def load_trainer_state(self, state: dict) -> None:
+        super().load_trainer_state(state)
+        self.skipped_minibatches = int(state.get("skipped_minibatches", 0))

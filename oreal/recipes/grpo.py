@@ -1,0 +1,77 @@
+"""GRPO as in RLinf's math recipe (`--algorithm grpo`): `GRPOTrainer.train_step` is the whole algorithm.
+
+One step:
+
+     1. sample prompts            this rank's share of the step's global batch (resumable sampler)
+     2. rollouts                  K samples per prompt from the engine, which holds the current policy
+     3. judge                     reward `ppo.reward_correct` / `ppo.reward_wrong` per sample (RLinf: +5 / -5)
+     4. group-normalised          (r - mean) / (std + eps) over the K samples of each prompt; every sample is
+        advantages                trained on (a prompt whose samples all agree has advantage 0 everywhere)
+     5. minibatches               all ranks' samples shuffled and split into `ppo.minibatches`, packed
+     6. old log-probs             a no-grad forward of the policy (and the reference, with `ppo.kl_coef`)
+     7. epochs x minibatches      fused clipped surrogate, DAPO token-level normalisation; a minibatch whose
+                                  importance ratio exceeds `ppo.early_stop_ratio` is skipped and counted;
+                                  otherwise one clipped AdamW update
+     8. weight sync               the new policy weights into the rollout engine, in place (if it changed)
+"""
+
+from __future__ import annotations
+
+import time
+
+from oreal.recipes.base import PhaseTimer
+from oreal.recipes.clipped import ClippedUpdateTrainer, PolicyPassStats
+from oreal.reward.advantages import group_normalized_advantages
+
+
+class GRPOTrainer(ClippedUpdateTrainer):
+    def train_step(self, step: int) -> dict:
+        cfg, parts = self.cfg, self.parts
+        timer = PhaseTimer()
+        step_start = time.perf_counter()
+        frozen = step <= cfg.train.freeze_policy_steps
+        lrs = self.learning_rates(frozen)
+
+        # 1. Sample prompts: this rank's share of the step's global batch.
+        prompts, overlong = self.sample_prompts(cfg.rollout.max_new_tokens)
+
+        # 2. Rollouts: K samples per prompt from the engine, which holds the current policy.
+        with timer.phase("rollout"):
+            samples = parts.generator.generate([p.input_ids for p in prompts], cfg.data.samples_per_prompt,
+                                               self.sampling(step))
+
+        # 3. Judge each response against its prompt's gold answer: reward +5 or -5 (configurable).
+        with timer.phase("judge"):
+            correct = self.judge(prompts, samples)
+        rewards = self.rewards(correct)
+        group_ids = self.group_ids(samples)
+
+        # 4. Group-normalised advantages over the K samples of each prompt; every sample is trained on.
+        advantages = group_normalized_advantages(rewards, group_ids, eps=cfg.ppo.group_norm_eps)
+        local_samples = self.training_samples(prompts, samples, advantages, correct)
+
+        policy = PolicyPassStats()
+        minibatches = []
+        with timer.phase("train"):
+            if not frozen:
+                # 5. Minibatches: every rank's samples, shuffled and split, packed into balanced micro-batches.
+                minibatches = self.make_minibatches(local_samples, step)
+
+                # 6. Old log-probs: a no-grad forward of the policy before the first update (and the reference's).
+                with timer.phase("logprobs"):
+                    self.record_old_logprobs(minibatches)
+
+                # 7. Epochs over the minibatches: clipped surrogate, early-stop or one update per minibatch.
+                for minibatch in self.passes(minibatches, step):
+                    policy.add(self.policy_minibatch(step, minibatch, poison=step == cfg.debug.nonfinite_at_step))
+            self.advance_schedules(frozen)
+
+        # 8. Weight sync: the engine gets the new policy weights, in place (only when they changed).
+        if policy.applied:
+            with timer.phase("sync"):
+                parts.generator.sync()
+
+        timer.seconds["step"] = time.perf_counter() - step_start
+        return self.step_metrics(timer=timer, samples=samples, correct=correct, group_ids=group_ids,
+                                 overlong=overlong, rewards=rewards, advantages=advantages, lrs=lrs, policy=policy,
+                                 minibatches=minibatches, frozen=frozen)
