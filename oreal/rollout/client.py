@@ -22,11 +22,9 @@ import torch
 from oreal.rollout.channel import EngineProcess
 from oreal.rollout.errors import (
     EngineBrokenError,
-    EngineDiedError,
     EngineError,
     EngineStartError,
     EngineSyncError,
-    EngineTimeoutError,
     RemoteEngineError,
     WeightMismatchError,
 )
@@ -78,6 +76,7 @@ class EngineClient:
         self._needs_sync: str | None = None
         self._transport: Transport | None = None
         self._sync_rid: int | None = None
+        self._sync_accepted = False
         self._next_rid = 1
         self.process = EngineProcess(env=self._env, startup_timeout_s=self.startup_timeout_s,
                                      log_path=self._log_path)
@@ -258,21 +257,39 @@ class EngineClient:
         self._transport = transport
         return transport
 
-    def begin_weight_update(self, plan: SyncPlan, allow_missing: bool = False) -> None:
+    def begin_weight_update(self, plan: SyncPlan, allow_missing: bool = False, *, wait: bool = True) -> None:
         """The engine checks `plan` (WeightMismatchError, nothing written) and awaits buckets.
 
         A plan the engine already checked (the same object, as WeightSyncer reuses it) is
-        not sent again: the engine keeps the last one.
+        not sent again: the engine keeps the last one. With `wait=False` the engine's
+        acceptance is collected by `wait_weight_update_accepted` (before the first bucket).
         """
         if self._sync_rid is not None:
             raise EngineError("a weight update is already in progress")
         known = self._plan_on_engine is not None and self._plan_on_engine[0] is plan \
             and self._plan_on_engine[1] == allow_missing
-        self._sync_rid = self.begin_two_phase("sync", plan=None if known else plan, allow_missing=allow_missing)
+        self._sync_rid = self._send("sync", timeout_s=self.sync_timeout_s, plan=None if known else plan,
+                                    allow_missing=allow_missing)
+        self._sync_accepted = False
+        if wait:
+            self.wait_weight_update_accepted()
         self._plan_on_engine = (plan, allow_missing)
+
+    def wait_weight_update_accepted(self) -> None:
+        """Block until the engine accepted the plan of the update in progress."""
+        if self._sync_rid is None or self._sync_accepted:
+            return
+        try:
+            self._reply(self._sync_rid, self.sync_timeout_s, "before sync", expect="accepted")
+        except BaseException:
+            self._sync_rid = None
+            self._plan_on_engine = None
+            raise
+        self._sync_accepted = True
 
     def finish_weight_update(self) -> int:
         """Wait until every bucket is in place; returns the engine's new weights version."""
+        self.wait_weight_update_accepted()
         rid, self._sync_rid = self._sync_rid, None
         if rid is None:
             raise EngineError("finish_weight_update without begin_weight_update")

@@ -4,7 +4,8 @@ Two groups of calls. Generation: `generate` returns K samples per prompt with th
 sampler's per-token log-probs. Weight update (driven by WeightSyncer on trainer rank 0, not
 by user code): `weight_specs` tells the trainer what the engine holds, `open_transport` sets
 up the data plane once, `begin_weight_update` checks a SyncPlan and makes the engine wait
-for its buckets, `finish_weight_update` waits until every byte is in place (the engine's
+for its buckets (`wait_weight_update_accepted` collects the engine's yes when it was not
+awaited at once), `finish_weight_update` waits until every byte is in place (the engine's
 weights version goes up by one), and `abort_weight_update` gives up on an engine whose
 weights are half-written. Both engines (transformers on CPU, vLLM on GPUs) implement it
 through the same EngineClient, talking to an engine process.
@@ -34,7 +35,9 @@ class RolloutEngine(Protocol):
 
     def open_transport(self) -> Transport: ...
 
-    def begin_weight_update(self, plan: SyncPlan, allow_missing: bool = False) -> None: ...
+    def begin_weight_update(self, plan: SyncPlan, allow_missing: bool = False, *, wait: bool = True) -> None: ...
+
+    def wait_weight_update_accepted(self) -> None: ...
 
     def finish_weight_update(self) -> int: ...
 

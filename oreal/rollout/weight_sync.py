@@ -12,22 +12,25 @@ Call `sync()` on every trainer rank after the optimizer step. What happens:
    - "p2p": point-to-point sends of each range to rank 0 over the trainer's own process group,
      received straight into the buffer (GPUs with NCCL, or ranks on several hosts);
    - "shm": ranks on rank 0's host with shards in CPU memory write their ranges straight into
-     buffers in shared memory (oreal/rollout/shared_buffers.py), one barrier per bucket.
+     buffers in shared memory (oreal/rollout/shared_buffers.py), two barriers per bucket.
 3. Each buffer is broadcast to the engine asynchronously while the next bucket is gathered
-   into the other one; the engine copies each piece into its parameter by name.
+   into the other one; the engine puts each piece into its parameter by name (a vLLM worker
+   through `load_weights`; the transformers engine receives straight into its parameters).
 4. Rank 0 waits for the engine's acknowledgement and tells the other ranks the outcome, so
    all ranks return the new weights version or all raise the same error. A failure after
    bytes started moving (engine died, hung past the timeout) kills the engine and marks it
    broken: it cannot be used again until restarted and synced.
 
-The two bucket buffers are kept between syncs (as CUDA's caching allocator would keep them
-anyway) so steady-state syncs do not pay for fresh pages; `keep_buffers=False` frees them
-after every sync.
+Steady-state syncs are cheap to start: the plan is computed once per engine process and
+sent to the engine and the other ranks only when it changes, the engine's acceptance of a
+known plan is collected just before the first broadcast, and rank 0's decisions travel as a
+16-byte broadcast. The two bucket buffers are kept between syncs (as CUDA's caching
+allocator would keep them anyway), so later syncs do not pay for fresh pages;
+`keep_buffers=False` frees them after every sync.
 """
 
 from __future__ import annotations
 
-import os
 import platform
 from collections.abc import Callable
 
@@ -94,6 +97,9 @@ class WeightSyncer:
         self.last_plan: SyncPlan | None = None
         self._plan_cache: tuple | None = None  # (engine incarnation, plan) on rank 0
         self._plan_sent: SyncPlan | None = None  # the plan every rank holds from the last "go"
+        self._key_sent: tuple | None = None  # and the shared buffers they all mapped
+        self._control_device = (torch.device("cuda", torch.cuda.current_device())
+                                if self.distributed and dist.get_backend() == "nccl" else torch.device("cpu"))
         self._full_cache: tuple[str, torch.Tensor] | None = None
         self._wire: list[torch.Tensor] | None = None  # p2p: rank 0's two buffers
         self._shared: SharedBuffers | None = None  # shm: the mapping every rank writes into
@@ -244,7 +250,10 @@ class WeightSyncer:
             return None
         failure = None
         timeout_s = self.engine.sync_timeout_s
-        buffers = self._wire_buffers(plan.capacity, min(2, len(plan.buckets)), transport.device)
+        # On the shards' device: NCCL point-to-point needs GPU buffers even when the data plane
+        # is gloo (a transformers engine), and gloo broadcasts GPU tensors too.
+        device = self.sources[0].local_flat().device if self.sources else transport.device
+        buffers = self._wire_buffers(plan.capacity, min(2, len(plan.buckets)), device)
         in_flight = [None, None]
         for i, bucket in enumerate(plan.buckets):
             slot = i % 2
@@ -253,7 +262,7 @@ class WeightSyncer:
                 in_flight[slot] = None
             self._gather_p2p(bucket, buffers[slot])  # always: the other ranks are sending
             if failure is None:
-                in_flight[slot], failure = _start(transport, buffers[slot][:bucket.nbytes])
+                in_flight[slot], failure = _start(transport, buffers[slot][:bucket.nbytes], self.engine if i == 0 else None)
         for handle in in_flight:
             if handle is not None:
                 failure = failure or _wait(handle, timeout_s)
@@ -279,7 +288,7 @@ class WeightSyncer:
                 if i == 0:
                     shared.unlink()  # every rank has mapped it by now
                 if failure is None:
-                    handles[i], failure = _start(transport, slot[:bucket.nbytes])
+                    handles[i], failure = _start(transport, slot[:bucket.nbytes], self.engine if i == 0 else None)
             if 1 <= i < len(plan.buckets) - 1:  # slot (i+1) % 2 is written next
                 if self.rank == 0 and handles[i - 1] is not None:
                     failure = failure or _wait(handles[i - 1], timeout_s)
@@ -303,9 +312,20 @@ class WeightSyncer:
         with gc_paused(), torch.no_grad():
             return self._sync()
 
+    def _tell(self, code: int, payload=None) -> tuple[int, object]:
+        """Rank 0's (code, payload) on every rank: one 16-byte broadcast, plus a pickled object
+        broadcast only when rank 0 has a payload (a new plan, an exception)."""
+        if not self.distributed or self.world_size == 1:
+            return code, payload
+        box = torch.tensor([code, payload is not None] if self.rank == 0 else [0, 0], dtype=torch.int64,
+                           device=self._control_device)
+        dist.broadcast(box, src=0)
+        code, has_payload = (int(v) for v in box.tolist())
+        return code, (self._agree(payload) if has_payload else None)
+
     def _sync(self) -> int:
         # 1. Plan and handshake on rank 0, then every rank learns the plan or the refusal.
-        start, transport = None, None
+        code, payload, transport = _GO, None, None
         if self.rank == 0:
             try:
                 plan = self._plan()
@@ -314,20 +334,24 @@ class WeightSyncer:
                     raise ValueError("gather='shm' needs a CPU data plane; this engine's is on "
                                      f"{transport.device}: use gather='p2p'")
                 shm_key = self._shared_for(plan, None).key if self.gather == "shm" else None
-                self.engine.begin_weight_update(plan, allow_missing=self.allow_missing)
-                # The plan travels to the other ranks only when it changed.
-                start = ("go", None if plan is self._plan_sent else plan, shm_key)
-                self._plan_sent = plan
+                known = plan is self._plan_sent and shm_key == self._key_sent
+                # A plan the engine accepted before is accepted again: do not wait for it to say so
+                # before gathering (checked before the first broadcast instead).
+                self.engine.begin_weight_update(plan, allow_missing=self.allow_missing, wait=not known)
+                if not known:  # the plan and buffers travel to the other ranks only when they changed
+                    payload = (plan, shm_key)
+                self._plan_sent, self._key_sent = plan, shm_key
             except Exception as e:  # noqa: BLE001 - every rank must learn about it
-                start = ("fail", e)
+                code, payload = _FAIL, e
                 if self._shared is not None:  # never mapped by the others: do not leave it in /dev/shm
                     self._shared.unlink()
                     self._shared = None
-        start = self._agree(start)
-        if start[0] == "fail":
-            raise start[1]
-        _, plan, shm_key = start
-        plan = self._plan_sent = plan if plan is not None else self._plan_sent
+        code, payload = self._tell(code, payload)
+        if code == _FAIL:
+            raise payload
+        if payload is not None:
+            self._plan_sent, self._key_sent = payload
+        plan, shm_key = self._plan_sent, self._key_sent
         self.last_plan = plan
 
         # 2. Buckets: gather into one buffer while the other is on the wire.
@@ -353,21 +377,26 @@ class WeightSyncer:
             if not self.keep_buffers:
                 self.release_buffers()
 
-        # 3. Everyone learns the outcome from rank 0.
-        outcome = None
+        # 3. Everyone learns the outcome from rank 0: the new version, or -1 and the error.
+        code, payload = 0, None
         if self.rank == 0:
-            outcome = ("ok", version) if failure is None else ("fail", _as_sync_error(failure, engine_state))
-        outcome = self._agree(outcome)
+            code, payload = (version, None) if failure is None else (-1, _as_sync_error(failure, engine_state))
+        code, payload = self._tell(code, payload)
         if failure is not None and self.rank != 0:
             raise failure
-        if outcome[0] == "fail":
-            raise outcome[1] from failure
-        return outcome[1]
+        if code < 0:
+            raise payload from failure
+        return code
 
 
-def _start(transport, tensor: torch.Tensor):
-    """Start a broadcast; (handle, None) or (None, the exception)."""
+_GO, _FAIL = 0, 1
+
+
+def _start(transport, tensor: torch.Tensor, engine=None):
+    """Start a broadcast (once `engine` confirmed it awaits the buckets); (handle, None) or (None, the error)."""
     try:
+        if engine is not None:
+            engine.wait_weight_update_accepted()
         return transport.broadcast(tensor), None
     except Exception as e:  # noqa: BLE001
         return None, e

@@ -60,7 +60,7 @@ def main() -> None:
     engine = None
     if rank == 0:
         engine = build_engine("hf", config, seed=99, num_threads=1, startup_timeout_s=300,
-                              request_timeout_s=120, sync_timeout_s=60)
+                              request_timeout_s=120, sync_timeout_s=60, log_path=str(out_dir / "engine.log"))
     # Small buckets: many buckets, and the embedding (101x32 fp32 = 12.9 KB) split across them.
     syncer = WeightSyncer(model, engine, bucket_bytes=4096)
     report: dict = {"rank": rank, "modes": sorted({s.mode for s in syncer.sources})}

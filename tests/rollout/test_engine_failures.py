@@ -18,28 +18,18 @@ from oreal.rollout import (
 )
 
 
-def start(config, **options):
-    opts = dict(startup_timeout_s=180, request_timeout_s=60, sync_timeout_s=60)
-    opts.update(options)
-    return build_engine("hf", config, seed=5, num_threads=1, **opts)
+@pytest.fixture
+def start(tmp_path):
+    """Start an engine whose log (kept when it breaks) goes to the test's tmp_path."""
+    def start(config, **options):
+        opts = dict(startup_timeout_s=180, request_timeout_s=60, sync_timeout_s=60,
+                    log_path=str(tmp_path / f"engine-{len(list(tmp_path.iterdir()))}.log"))
+        opts.update(options)
+        return build_engine("hf", config, seed=5, num_threads=1, **opts)
+    return start
 
 
-def test_engine_death_during_generate(engine_config):
-    engine = start(engine_config)
-    try:
-        engine.set_fault("generate", "exit")
-        t0 = time.monotonic()
-        with pytest.raises(EngineDiedError, match="exited with code 17"):
-            engine.generate([[1, 2, 3]], n=2)
-        assert time.monotonic() - t0 < 10
-        assert engine.broken is not None
-        with pytest.raises(EngineBrokenError, match="unusable"):
-            engine.generate([[1, 2, 3]], n=1)
-    finally:
-        engine.close()
-
-
-def test_engine_hang_during_generate_times_out_and_is_killed(engine_config):
+def test_engine_hang_during_generate_times_out_and_is_killed(engine_config, start):
     engine = start(engine_config, request_timeout_s=3)
     try:
         engine.set_fault("generate", "hang")
@@ -54,9 +44,19 @@ def test_engine_hang_during_generate_times_out_and_is_killed(engine_config):
         engine.close()
 
 
-def test_engine_death_mid_sync_breaks_it_until_restart_and_resync(engine_config):
+def test_engine_death_during_generate_and_mid_sync_until_restart_and_resync(engine_config, start):
     engine = start(engine_config, receive="staged")  # also covers the two-buffer unpack-by-name path
     try:
+        engine.set_fault("generate", "exit")
+        t0 = time.monotonic()
+        with pytest.raises(EngineDiedError, match="exited with code 17"):
+            engine.generate([[1, 2, 3]], n=2)
+        assert time.monotonic() - t0 < 10
+        assert engine.broken is not None
+        with pytest.raises(EngineBrokenError, match="unusable"):
+            engine.generate([[1, 2, 3]], n=1)
+
+        engine.restart()
         model = tiny_model(engine_config, seed=31)
         syncer = WeightSyncer(model, engine, bucket_bytes=2048)
         syncer.sync()
@@ -75,7 +75,7 @@ def test_engine_death_mid_sync_breaks_it_until_restart_and_resync(engine_config)
         with pytest.raises(EngineBrokenError, match="restarted"):
             engine.generate([[1, 2]], n=1)  # initial weights: refuse until synced
         version = syncer.sync()
-        assert version == 1
+        assert version == 1  # a fresh engine process counts from its first sync
         state = engine.state_dict()
         assert all(torch.equal(state[n], p) for n, p in model.named_parameters())
         assert engine.ping()["last_receive"] == "staged"
@@ -85,7 +85,7 @@ def test_engine_death_mid_sync_breaks_it_until_restart_and_resync(engine_config)
         engine.close()
 
 
-def test_engine_hang_mid_sync_times_out(engine_config):
+def test_engine_hang_mid_sync_times_out(engine_config, start):
     engine = start(engine_config, sync_timeout_s=3)
     try:
         model = tiny_model(engine_config, seed=32)
@@ -112,5 +112,5 @@ def test_engine_that_cannot_start_says_why(tmp_path):
 
     t0 = time.monotonic()
     with pytest.raises(EngineStartError, match="(?s)unknown engine kind 'bogus'.*engine traceback"):
-        EngineClient("bogus", {}, startup_timeout_s=120)
+        EngineClient("bogus", {}, startup_timeout_s=120, log_path=str(tmp_path / "engine.log"))
     assert time.monotonic() - t0 < 120
