@@ -106,7 +106,7 @@ def run_reference(case: PackedCase, dtype=torch.float64):
 
 
 def scalar_relative_error(value, reference) -> float:
-    value, reference = float(value), float(reference)
+    value, reference = float(torch.as_tensor(value).detach()), float(torch.as_tensor(reference).detach())
     return abs(value - reference) / max(abs(reference), 1e-12)
 
 
@@ -120,9 +120,9 @@ def assert_matches_reference_fp32(case: PackedCase, backend: str) -> None:
     # terms share a sign, and still meaningful when positive and negative terms cancel (a plain relative
     # error of a sum near 0 measures the cancellation, not the kernel).
     if magnitude > 0:
-        assert abs(float(out.loss) - float(ref_loss)) / magnitude < FP32_LOSS_RTOL
+        assert abs(out.loss.item() - ref_loss.item()) / magnitude < FP32_LOSS_RTOL
     else:
-        assert float(out.loss) == 0
+        assert out.loss.item() == 0
     assert torch.allclose(out.logprobs.double(), ref_lp, rtol=1e-5, atol=1e-4)
     assert torch.allclose(out.entropy.double(), ref_ent, rtol=1e-5, atol=1e-4)
     assert (out.logprobs[~action] == 0).all() and (out.entropy[~action] == 0).all()
