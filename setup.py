@@ -87,7 +87,8 @@ def native_extensions():
                   file=sys.stderr)
     if with_cuda:
         os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension when it is imported
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("OREAL_CUDA_ARCHS", "8.0;9.0"))
+        # OREAL_CUDA_ARCHS decides (an inherited TORCH_CUDA_ARCH_LIST may list every arch: slow builds)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("OREAL_CUDA_ARCHS") or "8.0;9.0"
         headers = [os.path.dirname(h) for h in wheel_dirs("include", "cublas_v2.h")]
         cpath = [p for p in os.environ.get("CPATH", "").split(os.pathsep) if p]
         os.environ["CPATH"] = os.pathsep.join(cpath + [h for h in headers if h not in cpath])

@@ -1,0 +1,130 @@
+// The chunk loop: per chunk of C tokens, logits = h @ W^T (BLAS), the row kernel turns them into
+// log-probs, entropies, token losses and, in place, the logit gradient dz; then
+// grad_hidden[chunk] = dz @ W and grad_weight += dz^T @ h (BLAS). Nothing of size [T, V] exists.
+//
+// Matmul paths by input dtype:
+//   fp32 (CPU, CUDA)   mm/addmm straight into the fp32 buffers, dz in place.
+//   bf16/fp16 on CUDA  logits via mm(out_dtype=fp32); the row kernel writes dz in the input dtype
+//                      to a second buffer; grad_hidden = mm(dz, W); grad_weight accumulated in fp32
+//                      by cuBLAS GemmEx (cuda_host.cpp).
+//   bf16/fp16 on CPU   logits in the input dtype (BLAS accumulates in fp32) copied to fp32, dz in
+//                      fp32, grad_hidden = mm(dz.to(dtype), W), grad_weight += dz^T @ h.float().
+#include "linear_logprob.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+
+#include "kernels.h"
+#include "params.h"
+#if defined(OREAL_WITH_CUDA)
+#include "cuda_host.h"
+#endif
+
+namespace oreal {
+
+int64_t default_chunk_size(int64_t num_tokens, int64_t vocab_size, bool on_cuda) {
+  const int64_t budget_bytes = on_cuda ? (int64_t{1} << 30) : (int64_t{64} << 20);
+  const int64_t cap = std::max<int64_t>(1, budget_bytes / (4 * std::max<int64_t>(vocab_size, 1)));
+  if (num_tokens <= cap) return std::max<int64_t>(num_tokens, 1);
+  const int64_t chunks = (num_tokens + cap - 1) / cap;
+  return (num_tokens + chunks - 1) / chunks;  // equal chunks, none much smaller than the rest
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprob_forward(
+    const LinearLogprobArgs& args) {
+  const at::Tensor& hidden = args.hidden;
+  const at::Tensor& weight = args.weight;
+  const int64_t num_tokens = hidden.size(0);
+  const int64_t hidden_size = hidden.size(1);
+  const int64_t vocab = weight.size(0);
+  const bool on_cuda = hidden.is_cuda();
+  const at::ScalarType dtype = hidden.scalar_type();
+  const bool fp32 = dtype == at::kFloat;
+  const bool cuda_lowp = on_cuda && (dtype == at::kBFloat16 || dtype == at::kHalf);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+
+  at::Tensor logprobs = at::empty({num_tokens}, f32);
+  at::Tensor entropy = at::empty({num_tokens}, f32);
+  at::Tensor token_loss = at::empty({num_tokens}, f32);
+  at::Tensor grad_hidden = args.grad_hidden ? at::empty({num_tokens, hidden_size}, hidden.options())
+                                            : at::empty({0}, hidden.options());
+  at::Tensor grad_weight = args.grad_weight ? at::zeros({vocab, hidden_size}, f32) : at::empty({0}, f32);
+  const bool write_grad = args.grad_hidden || args.grad_weight;
+
+  const int64_t chunk = args.chunk_size > 0 ? std::min<int64_t>(args.chunk_size, std::max<int64_t>(num_tokens, 1))
+                                            : default_chunk_size(num_tokens, vocab, on_cuda);
+  at::Tensor logits = at::empty({num_tokens > 0 ? chunk : 0, vocab}, f32);
+  at::Tensor grad_lowp = (cuda_lowp && write_grad) ? at::empty({chunk, vocab}, hidden.options()) : at::Tensor();
+  const at::Tensor weight_t = weight.t();
+  const GradDType grad_dtype = !cuda_lowp            ? GradDType::kFloat32InPlace
+                               : dtype == at::kHalf ? GradDType::kFloat16
+                                                    : GradDType::kBFloat16;
+
+  for (int64_t start = 0; start < num_tokens; start += chunk) {
+    const int64_t rows = std::min(chunk, num_tokens - start);
+    const at::Tensor h = hidden.narrow(0, start, rows);
+    at::Tensor z = logits.narrow(0, 0, rows);
+    if (fp32) {
+      at::mm_out(z, h, weight_t);
+    } else if (cuda_lowp) {
+      at::mm_out(z, h, weight_t, at::kFloat);
+    } else {
+      z.copy_(at::mm(h, weight_t));
+    }
+
+    RowParams p;
+    p.logits = z.data_ptr<float>();
+    p.grad_lowp = grad_lowp.defined() ? grad_lowp.data_ptr() : nullptr;
+    p.labels = args.labels.data_ptr<int64_t>() + start;
+    p.pg_coef = args.pg_coef.data_ptr<float>() + start;
+    p.ref_logprobs = args.ref_logprobs.defined() ? args.ref_logprobs.data_ptr<float>() + start : nullptr;
+    p.kl_weight = args.kl_weight.data_ptr<float>();
+    p.logprobs = logprobs.data_ptr<float>() + start;
+    p.entropy = entropy.data_ptr<float>() + start;
+    p.token_loss = token_loss.data_ptr<float>() + start;
+    p.rows = rows;
+    p.vocab = vocab;
+    p.inv_temperature = static_cast<float>(1.0 / args.temperature);
+    p.write_grad = write_grad;
+    if (on_cuda) {
+#if defined(OREAL_WITH_CUDA)
+      row_pass_cuda(p, grad_dtype);
+#else
+      TORCH_CHECK(false, "oreal._C was built without CUDA");
+#endif
+    } else {
+      const int64_t bad_row = row_pass_cpu(p);
+      TORCH_CHECK_VALUE(bad_row < 0, "labels: value ", args.labels[start + bad_row].item<int64_t>(),
+                        " at position ", start + bad_row, " is outside [0, ", vocab,
+                        ") and is not the ignore index -100");
+    }
+    if (!write_grad) continue;
+
+    if (args.grad_hidden) {
+      at::Tensor gh = grad_hidden.narrow(0, start, rows);
+      if (fp32) {
+        at::mm_out(gh, z, weight);
+      } else if (cuda_lowp) {
+        at::mm_out(gh, grad_lowp.narrow(0, 0, rows), weight);
+      } else {
+        gh.copy_(at::mm(z.to(dtype), weight));
+      }
+    }
+    if (args.grad_weight) {
+      if (fp32) {
+        grad_weight.addmm_(z.t(), h);
+      } else if (cuda_lowp) {
+#if defined(OREAL_WITH_CUDA)
+        accumulate_grad_weight_lowp_cuda(grad_weight, grad_lowp.narrow(0, 0, rows), h);
+#endif
+      } else {
+        grad_weight.addmm_(z.t(), h.to(at::kFloat));
+      }
+    }
+  }
+  (void)grad_dtype;
+  return {token_loss.sum(), logprobs, entropy, grad_hidden, grad_weight};
+}
+
+}  // namespace oreal

@@ -1,0 +1,38 @@
+// The chunk loop of the fused linear + log-prob loss (linear_logprob.cpp), device-generic.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace oreal {
+
+// Checked inputs (see bindings.cpp): hidden [T, H] and weight [V, H] share a dtype and device;
+// labels [T] int64; pg_coef [T] fp32; ref_logprobs [T] fp32 or undefined; kl_weight 0-d fp32.
+struct LinearLogprobArgs {
+  at::Tensor hidden;
+  at::Tensor weight;
+  at::Tensor labels;
+  at::Tensor pg_coef;
+  at::Tensor ref_logprobs;  // undefined: no KL term
+  at::Tensor kl_weight;
+  double temperature = 1.0;
+  int64_t chunk_size = 0;  // <= 0: pick from the device and the vocabulary size
+  bool grad_hidden = true;
+  bool grad_weight = true;
+};
+
+// Rows per chunk when the caller does not choose: the fp32 [chunk, V] logit buffer is capped at
+// 64 MiB on the CPU (large enough for efficient GEMMs, small enough to stay cache-friendly and
+// far below the [T, V] logits) and at 1 GiB on a GPU, where bigger GEMMs amortise the read-modify-
+// write of the fp32 weight-gradient accumulator.
+int64_t default_chunk_size(int64_t num_tokens, int64_t vocab_size, bool on_cuda);
+
+// Returns (loss 0-d fp32, logprobs [T] fp32, entropy [T] fp32,
+//          grad_hidden [T, H] hidden.dtype or [0], grad_weight [V, H] fp32 or [0]):
+// the gradients of `loss` w.r.t. hidden and weight, computed chunk by chunk during this call.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprob_forward(
+    const LinearLogprobArgs& args);
+
+}  // namespace oreal

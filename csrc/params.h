@@ -1,0 +1,44 @@
+// Plain-old-data parameter blocks handed from the binding to the CPU and CUDA kernels.
+//
+// The binding (bindings.cpp) checks every tensor with TORCH_CHECK and then fills one of these; the
+// kernels trust them. All pointers are already offset to the first row of the chunk being processed.
+#pragma once
+
+#include <cstdint>
+
+namespace oreal {
+
+// The dtype the CUDA row kernel writes the logit gradient in (the fp32 path writes it in place).
+enum class GradDType : int { kFloat32InPlace = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// One chunk of rows of the fused linear + log-prob loss: in `logits` the fp32 logits of `rows`
+// tokens (before the temperature); out: per-token log-prob, entropy and loss, and (when
+// `write_grad`) the logit gradient dz, in place in `logits` or into `grad_lowp`.
+struct RowParams {
+  float* logits = nullptr;              // [rows, vocab] fp32, row stride `vocab`
+  void* grad_lowp = nullptr;            // [rows, vocab] bf16/fp16 dz (CUDA low-precision path) or null
+  const int64_t* labels = nullptr;      // [rows] target ids, or -100 where the token is no action
+  const float* pg_coef = nullptr;       // [rows] policy-gradient coefficient (0 off action tokens)
+  const float* ref_logprobs = nullptr;  // [rows] reference log-probs, or null: no KL term
+  const float* kl_weight = nullptr;     // 0-d: weight of the k3 KL estimate
+  float* logprobs = nullptr;            // [rows] out
+  float* entropy = nullptr;             // [rows] out
+  float* token_loss = nullptr;          // [rows] out; the op's loss is their sum
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  float inv_temperature = 1.0f;
+  bool write_grad = true;
+};
+
+// Token-RM weights over packed sequences (a segmented scan: one segment per sequence).
+struct TokenWeightParams {
+  const float* rm_scores = nullptr;   // [T]
+  const int64_t* labels = nullptr;    // [T]
+  const int64_t* cu_seqlens = nullptr;  // [S + 1]
+  const bool* is_positive = nullptr;  // [S]
+  float* weights = nullptr;           // [T] out
+  int64_t num_tokens = 0;
+  int64_t num_seqs = 0;
+};
+
+}  // namespace oreal
