@@ -31,6 +31,10 @@ DEV_REQUIRES = [
     "liger-kernel",
     "packaging",
     "math-verify[antlr4_13_2]",
+    # build tools for the no-isolation build of oreal._C (`pip install --no-build-isolation -e .`)
+    "ninja",
+    "pybind11",
+    "wheel",
 ]
 
 
