@@ -1,8 +1,11 @@
 // The binding of `oreal._C`: input checks (TORCH_CHECK, each naming the argument), the params
-// blocks, and the registration of two torch.library custom ops in the namespace `oreal_native`:
+// blocks, and the registration of three torch.library custom ops in the namespace `oreal_native`:
 //
 //   oreal_native::linear_logprob_loss_fwd(hidden, weight, labels, pg_coef, ref_logprobs?, kl_weight,
 //       temperature, chunk_size, grad_hidden, grad_weight) -> (loss, logprobs, entropy, grad_hidden, grad_weight)
+//   oreal_native::linear_policy_loss_fwd(hidden, weight, labels, advantages, old_logprobs, token_scale,
+//       ref_logprobs?, kl_scale, clip_low, clip_high, temperature, chunk_size, grad_hidden, grad_weight)
+//       -> (loss, logprobs, entropy, grad_hidden, grad_weight)      [PPO's clipped surrogate]
 //   oreal_native::token_rm_weights(rm_scores, labels, cu_seqlens, is_positive) -> weights
 //
 // Their fake (meta) implementations and the autograd formula live in oreal/ops/native.py. The
@@ -39,11 +42,16 @@ void check_vector(const char* op, const char* name, const at::Tensor& x, int64_t
               like.device(), "; put all inputs on one device");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprob_loss_fwd(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& pg_coef,
-    const c10::optional<at::Tensor>& ref_logprobs, const at::Tensor& kl_weight, double temperature,
-    int64_t chunk_size, bool grad_hidden, bool grad_weight) {
-  constexpr const char* op = "oreal_native.linear_logprob_loss_fwd";
+void check_fp32_vector(const char* op, const char* name, const at::Tensor& x, int64_t length,
+                       const at::Tensor& like) {
+  check_vector(op, name, x, length, like);
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", x.scalar_type());
+}
+
+// Checks what both loss ops share and fills those fields of `args`.
+LinearLogprobArgs linear_args(const char* op, const at::Tensor& hidden, const at::Tensor& weight,
+                              const at::Tensor& labels, const c10::optional<at::Tensor>& ref_logprobs,
+                              double temperature, int64_t chunk_size, bool grad_hidden, bool grad_weight) {
   TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be [T, H], got shape ", hidden.sizes());
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be [V, H], got shape ", weight.sizes());
   TORCH_CHECK(weight.size(1) == hidden.size(1), op, ": weight shape ", weight.sizes(),
@@ -61,39 +69,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lo
   check_vector(op, "labels", labels, num_tokens, hidden);
   TORCH_CHECK_TYPE(is_index_dtype(labels.scalar_type()), op, ": labels must be int32 or int64, got ",
                    labels.scalar_type());
-  check_vector(op, "pg_coef", pg_coef, num_tokens, hidden);
-  TORCH_CHECK_TYPE(pg_coef.scalar_type() == at::kFloat, op, ": pg_coef must be float32, got ",
-                   pg_coef.scalar_type());
   const bool has_ref = ref_logprobs.has_value() && ref_logprobs->defined();
-  if (has_ref) {
-    check_vector(op, "ref_logprobs", *ref_logprobs, num_tokens, hidden);
-    TORCH_CHECK_TYPE(ref_logprobs->scalar_type() == at::kFloat, op, ": ref_logprobs must be float32, got ",
-                     ref_logprobs->scalar_type());
-  }
-  TORCH_CHECK(kl_weight.numel() == 1, op, ": kl_weight must hold one value, got shape ", kl_weight.sizes());
-  TORCH_CHECK_TYPE(kl_weight.scalar_type() == at::kFloat, op, ": kl_weight must be float32, got ",
-                   kl_weight.scalar_type());
-  TORCH_CHECK(kl_weight.device() == hidden.device(), op, ": kl_weight is on ", kl_weight.device(),
-              " but hidden is on ", hidden.device());
+  if (has_ref) check_fp32_vector(op, "ref_logprobs", *ref_logprobs, num_tokens, hidden);
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, op,
                     ": temperature must be a positive number, got ", temperature);
   TORCH_CHECK_VALUE(chunk_size >= 0, op, ": chunk_size must be >= 0 (0: automatic), got ", chunk_size);
 #if !defined(OREAL_WITH_CUDA)
   TORCH_CHECK(!hidden.is_cuda(), op, ": oreal._C was built without CUDA; rebuild with nvcc available");
 #endif
-
-  const at::OptionalDeviceGuard device_guard(at::device_of(hidden));
   LinearLogprobArgs args;
   args.hidden = hidden.contiguous();
   args.weight = weight;
   args.labels = labels.to(at::kLong).contiguous();
-  args.pg_coef = pg_coef.contiguous();
   if (has_ref) args.ref_logprobs = ref_logprobs->contiguous();
-  args.kl_weight = kl_weight.reshape({}).contiguous();
   args.temperature = temperature;
   args.chunk_size = chunk_size;
   args.grad_hidden = grad_hidden;
   args.grad_weight = grad_weight;
+  return args;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprob_loss_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& pg_coef,
+    const c10::optional<at::Tensor>& ref_logprobs, const at::Tensor& kl_weight, double temperature,
+    int64_t chunk_size, bool grad_hidden, bool grad_weight) {
+  constexpr const char* op = "oreal_native.linear_logprob_loss_fwd";
+  LinearLogprobArgs args =
+      linear_args(op, hidden, weight, labels, ref_logprobs, temperature, chunk_size, grad_hidden, grad_weight);
+  check_fp32_vector(op, "pg_coef", pg_coef, hidden.size(0), hidden);
+  TORCH_CHECK(kl_weight.numel() == 1, op, ": kl_weight must hold one value, got shape ", kl_weight.sizes());
+  TORCH_CHECK_TYPE(kl_weight.scalar_type() == at::kFloat, op, ": kl_weight must be float32, got ",
+                   kl_weight.scalar_type());
+  TORCH_CHECK(kl_weight.device() == hidden.device(), op, ": kl_weight is on ", kl_weight.device(),
+              " but hidden is on ", hidden.device());
+
+  const at::OptionalDeviceGuard device_guard(at::device_of(hidden));
+  args.mode = LossMode::kOreal;
+  args.pg_coef = pg_coef.contiguous();
+  args.kl_weight = kl_weight.reshape({}).contiguous();
+  return linear_logprob_forward(args);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_policy_loss_fwd(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& advantages,
+    const at::Tensor& old_logprobs, const at::Tensor& token_scale, const c10::optional<at::Tensor>& ref_logprobs,
+    const at::Tensor& kl_scale, double clip_low, double clip_high, double temperature, int64_t chunk_size,
+    bool grad_hidden, bool grad_weight) {
+  constexpr const char* op = "oreal_native.linear_policy_loss_fwd";
+  LinearLogprobArgs args =
+      linear_args(op, hidden, weight, labels, ref_logprobs, temperature, chunk_size, grad_hidden, grad_weight);
+  const int64_t num_tokens = hidden.size(0);
+  check_fp32_vector(op, "advantages", advantages, num_tokens, hidden);
+  check_fp32_vector(op, "old_logprobs", old_logprobs, num_tokens, hidden);
+  check_fp32_vector(op, "token_scale", token_scale, num_tokens, hidden);
+  check_fp32_vector(op, "kl_scale", kl_scale, num_tokens, hidden);
+  TORCH_CHECK_VALUE(std::isfinite(clip_low) && clip_low >= 0.0 && clip_low < 1.0, op,
+                    ": clip_low must lie in [0, 1), got ", clip_low);
+  TORCH_CHECK_VALUE(std::isfinite(clip_high) && clip_high >= 0.0, op,
+                    ": clip_high must be a non-negative number, got ", clip_high);
+
+  const at::OptionalDeviceGuard device_guard(at::device_of(hidden));
+  args.mode = LossMode::kClippedSurrogate;
+  args.advantages = advantages.contiguous();
+  args.old_logprobs = old_logprobs.contiguous();
+  args.token_scale = token_scale.contiguous();
+  args.kl_scale = kl_scale.contiguous();
+  args.clip_low = clip_low;
+  args.clip_high = clip_high;
   return linear_logprob_forward(args);
 }
 
@@ -161,17 +203,24 @@ TORCH_LIBRARY(oreal_native, m) {
       "linear_logprob_loss_fwd(Tensor hidden, Tensor weight, Tensor labels, Tensor pg_coef, "
       "Tensor? ref_logprobs, Tensor kl_weight, float temperature, int chunk_size, bool grad_hidden, "
       "bool grad_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "linear_policy_loss_fwd(Tensor hidden, Tensor weight, Tensor labels, Tensor advantages, "
+      "Tensor old_logprobs, Tensor token_scale, Tensor? ref_logprobs, Tensor kl_scale, float clip_low, "
+      "float clip_high, float temperature, int chunk_size, bool grad_hidden, bool grad_weight) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("token_rm_weights(Tensor rm_scores, Tensor labels, Tensor cu_seqlens, Tensor is_positive) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(oreal_native, CPU, m) {
   m.impl("linear_logprob_loss_fwd", &oreal::linear_logprob_loss_fwd);
+  m.impl("linear_policy_loss_fwd", &oreal::linear_policy_loss_fwd);
   m.impl("token_rm_weights", &oreal::token_rm_weights);
 }
 
 #if defined(OREAL_WITH_CUDA)
 TORCH_LIBRARY_IMPL(oreal_native, CUDA, m) {
   m.impl("linear_logprob_loss_fwd", &oreal::linear_logprob_loss_fwd);
+  m.impl("linear_policy_loss_fwd", &oreal::linear_policy_loss_fwd);
   m.impl("token_rm_weights", &oreal::token_rm_weights);
 }
 #endif

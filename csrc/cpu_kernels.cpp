@@ -29,7 +29,7 @@ OREAL_ISA_CLONES bool process_row_dispatch(const RowParams& p, int64_t r, float 
 }  // namespace
 
 int64_t row_pass_cpu(const RowParams& p) {
-  const float kl_weight = *p.kl_weight;
+  const float kl_weight = p.kl_weight != nullptr ? *p.kl_weight : 0.0f;  // null in kClippedSurrogate
   int64_t first_bad_row = -1;
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), p.rows));
   // dynamic: on a loaded machine a descheduled thread's rows go to the one that is running

@@ -77,9 +77,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lo
     p.logits = z.data_ptr<float>();
     p.grad_lowp = grad_lowp.defined() ? grad_lowp.data_ptr() : nullptr;
     p.labels = args.labels.data_ptr<int64_t>() + start;
-    p.pg_coef = args.pg_coef.data_ptr<float>() + start;
+    p.mode = args.mode;
     p.ref_logprobs = args.ref_logprobs.defined() ? args.ref_logprobs.data_ptr<float>() + start : nullptr;
-    p.kl_weight = args.kl_weight.data_ptr<float>();
+    if (args.mode == LossMode::kClippedSurrogate) {
+      p.advantages = args.advantages.data_ptr<float>() + start;
+      p.old_logprobs = args.old_logprobs.data_ptr<float>() + start;
+      p.token_scale = args.token_scale.data_ptr<float>() + start;
+      p.kl_scale = args.kl_scale.data_ptr<float>() + start;
+      p.clip_low = static_cast<float>(args.clip_low);
+      p.clip_high = static_cast<float>(args.clip_high);
+    } else {
+      p.pg_coef = args.pg_coef.data_ptr<float>() + start;
+      p.kl_weight = args.kl_weight.data_ptr<float>();
+    }
     p.logprobs = logprobs.data_ptr<float>() + start;
     p.entropy = entropy.data_ptr<float>() + start;
     p.token_loss = token_loss.data_ptr<float>() + start;

@@ -6,17 +6,28 @@
 
 #include <tuple>
 
+#include "params.h"
+
 namespace oreal {
 
 // Checked inputs (see bindings.cpp): hidden [T, H] and weight [V, H] share a dtype and device;
-// labels [T] int64; pg_coef [T] fp32; ref_logprobs [T] fp32 or undefined; kl_weight 0-d fp32.
+// labels [T] int64; ref_logprobs [T] fp32 or undefined; the per-token inputs [T] fp32 of `mode`.
 struct LinearLogprobArgs {
   at::Tensor hidden;
   at::Tensor weight;
   at::Tensor labels;
-  at::Tensor pg_coef;
   at::Tensor ref_logprobs;  // undefined: no KL term
-  at::Tensor kl_weight;
+  LossMode mode = LossMode::kOreal;
+  // kOreal
+  at::Tensor pg_coef;
+  at::Tensor kl_weight;  // 0-d
+  // kClippedSurrogate
+  at::Tensor advantages;
+  at::Tensor old_logprobs;
+  at::Tensor token_scale;
+  at::Tensor kl_scale;
+  double clip_low = 0.2;
+  double clip_high = 0.2;
   double temperature = 1.0;
   int64_t chunk_size = 0;  // <= 0: pick from the device and the vocabulary size
   bool grad_hidden = true;

@@ -9,11 +9,18 @@
 //   loss_t = -pg_coef_t * lp_t + kl_weight * (exp(d_t) - d_t - 1),   d_t = ref_t - lp_t
 //   g_t    = dloss_t / dlp_t = -pg_coef_t + kl_weight * (1 - exp(d_t))
 //   dz_tv  = g_t / temperature * (onehot(label_t)_v - softmax(z_t)_v)
+//
+// The clipped-surrogate mode (PPO/GRPO) replaces loss_t and g_t, with r_t = exp(lp_t - old_t):
+//
+//   loss_t = -s_t min(r_t A_t, clip(r_t, 1 - cl, 1 + ch) A_t) + k_t (exp(d_t) - d_t - 1)
+//   g_t    = -s_t A_t r_t where the unclipped term is <= the clipped one (else 0) + k_t (1 - exp(d_t))
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "params.h"
 
 #if defined(__CUDACC__)
 #define OREAL_HD __host__ __device__ __forceinline__
@@ -130,6 +137,38 @@ OREAL_HD TokenLoss token_loss(float logprob, float pg_coef, bool has_ref, float 
     out.grad += kl_weight * (1.0f - ratio);
   }
   return out;
+}
+
+// PPO's clipped surrogate of one action token, plus the k3 KL estimate when has_ref.
+OREAL_HD TokenLoss clipped_surrogate_loss(float logprob, float advantage, float old_logprob, float scale,
+                                          bool has_ref, float ref_logprob, float kl_scale, float clip_low,
+                                          float clip_high) {
+  const float ratio = expf(logprob - old_logprob);  // accurate exp: one per token
+  const float lo = 1.0f - clip_low;
+  const float hi = 1.0f + clip_high;
+  const float clipped_ratio = ratio < lo ? lo : (ratio > hi ? hi : ratio);
+  const float unclipped = ratio * advantage;
+  const float clipped = clipped_ratio * advantage;
+  const bool use_unclipped = unclipped <= clipped;
+  TokenLoss out{-scale * (use_unclipped ? unclipped : clipped), use_unclipped ? -scale * unclipped : 0.0f};
+  if (has_ref) {
+    const float delta = ref_logprob - logprob;
+    const float kl_ratio = expf(delta);
+    out.loss += kl_scale * (kl_ratio - delta - 1.0f);
+    out.grad += kl_scale * (1.0f - kl_ratio);
+  }
+  return out;
+}
+
+// The loss of row r of `p` in its mode. `kl_weight` is *p.kl_weight (kOreal), read once per launch.
+OREAL_HD TokenLoss row_token_loss(const RowParams& p, int64_t r, float logprob, float kl_weight) {
+  const bool has_ref = p.ref_logprobs != nullptr;
+  const float ref = has_ref ? p.ref_logprobs[r] : 0.0f;
+  if (p.mode == LossMode::kClippedSurrogate) {
+    return clipped_surrogate_loss(logprob, p.advantages[r], p.old_logprobs[r], p.token_scale[r], has_ref, ref,
+                                  has_ref ? p.kl_scale[r] : 0.0f, p.clip_low, p.clip_high);
+  }
+  return token_loss(logprob, p.pg_coef[r], has_ref, ref, kl_weight);
 }
 
 // Gradient of the loss with respect to one logit: scale * (onehot - p), scale = g / temperature.

@@ -11,6 +11,12 @@ namespace oreal {
 // The dtype the CUDA row kernel writes the logit gradient in (the fp32 path writes it in place).
 enum class GradDType : int { kFloat32InPlace = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Which per-token loss the row kernels apply to each log-prob (oreal_math.h has one function each).
+enum class LossMode : int {
+  kOreal = 0,             // token_loss: -pg_coef lp + kl_weight k3 (kl_weight one 0-d value)
+  kClippedSurrogate = 1,  // clipped_surrogate_loss: PPO's clipped surrogate + per-token k3 KL
+};
+
 // One chunk of rows of the fused linear + log-prob loss: in `logits` the fp32 logits of `rows`
 // tokens (before the temperature); out: per-token log-prob, entropy and loss, and (when
 // `write_grad`) the logit gradient dz, in place in `logits` or into `grad_lowp`.
@@ -18,9 +24,18 @@ struct RowParams {
   float* logits = nullptr;              // [rows, vocab] fp32, row stride `vocab`
   void* grad_lowp = nullptr;            // [rows, vocab] bf16/fp16 dz (CUDA low-precision path) or null
   const int64_t* labels = nullptr;      // [rows] target ids, or -100 where the token is no action
-  const float* pg_coef = nullptr;       // [rows] policy-gradient coefficient (0 off action tokens)
+  LossMode mode = LossMode::kOreal;
   const float* ref_logprobs = nullptr;  // [rows] reference log-probs, or null: no KL term
+  // kOreal
+  const float* pg_coef = nullptr;       // [rows] policy-gradient coefficient (0 off action tokens)
   const float* kl_weight = nullptr;     // 0-d: weight of the k3 KL estimate
+  // kClippedSurrogate
+  const float* advantages = nullptr;    // [rows] A_t
+  const float* old_logprobs = nullptr;  // [rows] log-probs of the policy that sampled the tokens
+  const float* token_scale = nullptr;   // [rows] s_t, the loss aggregation weight
+  const float* kl_scale = nullptr;      // [rows] k_t, the weight of the token's k3 KL estimate
+  float clip_low = 0.2f;                // the ratio is clipped to [1 - clip_low, 1 + clip_high]
+  float clip_high = 0.2f;
   float* logprobs = nullptr;            // [rows] out
   float* entropy = nullptr;             // [rows] out
   float* token_loss = nullptr;          // [rows] out; the op's loss is their sum

@@ -58,8 +58,7 @@ __attribute__((always_inline)) inline bool process_row(const RowParams& p, int64
   }
   const SoftmaxStats stats{row_max, sum, dsum};
   const float logprob = target - stats_lse(stats);
-  const TokenLoss tl = token_loss(logprob, p.pg_coef[r], p.ref_logprobs != nullptr,
-                                  p.ref_logprobs ? p.ref_logprobs[r] : 0.0f, kl_weight);
+  const TokenLoss tl = row_token_loss(p, r, logprob, kl_weight);
   p.logprobs[r] = logprob;
   p.entropy[r] = stats_entropy(stats);
   p.token_loss[r] = tl.loss;

@@ -98,9 +98,8 @@ __global__ void __launch_bounds__(kThreads) row_pass_kernel(RowParams p) {
   s = block_merge_stats<kThreads>(s);
   const float lse = stats_lse(s);
   const float logprob = z[label] * inv_t - lse;  // read before anyone overwrites the row
-  const float kl_weight = *p.kl_weight;
-  const TokenLoss tl = token_loss(logprob, p.pg_coef[r], p.ref_logprobs != nullptr,
-                                  p.ref_logprobs ? p.ref_logprobs[r] : 0.0f, kl_weight);
+  const float kl_weight = p.kl_weight != nullptr ? *p.kl_weight : 0.0f;  // null in kClippedSurrogate
+  const TokenLoss tl = row_token_loss(p, r, logprob, kl_weight);
   if (threadIdx.x == 0) {
     p.logprobs[r] = logprob;
     p.entropy[r] = stats_entropy(s);

@@ -1,11 +1,12 @@
 """The native backend: `oreal._C` (csrc/), C++ kernels for CPU tensors and CUDA kernels for CUDA tensors.
 
 Implements the internal contract of `oreal.ops.torch_backend` (same signatures and semantics).
-The extension registers two torch.library custom ops, `torch.ops.oreal_native.*`; this module adds
+The extension registers three torch.library custom ops, `torch.ops.oreal_native.*`; this module adds
 what torch needs around them, so that they work under autograd and `torch.compile`:
 
 - fake (meta) implementations, giving output shapes without running anything;
-- an autograd formula for `linear_logprob_loss_fwd`. The op computes the gradients of the loss
+- an autograd formula for the two loss ops, `linear_logprob_loss_fwd` (OREAL) and
+  `linear_policy_loss_fwd` (PPO's clipped surrogate). Each op computes the gradients of the loss
   w.r.t. `hidden` and `weight` during its forward, chunk by chunk; backward only scales them by
   the incoming gradient of the loss. In eager mode it scales in place, so that the fp32 weight
   gradient (as large as the weight) is never held twice; a second backward through the same graph
@@ -50,9 +51,7 @@ def _require_built() -> None:
 
 if _C is not None:
 
-    @torch.library.register_fake("oreal_native::linear_logprob_loss_fwd")
-    def _linear_logprob_loss_fwd_fake(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature,
-                                      chunk_size, grad_hidden, grad_weight):
+    def _loss_outputs_fake(hidden, weight, grad_hidden, grad_weight):
         num_tokens = hidden.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
         return (
@@ -62,6 +61,17 @@ if _C is not None:
             hidden.new_empty(tuple(hidden.shape) if grad_hidden else (0,)),
             hidden.new_empty(tuple(weight.shape) if grad_weight else (0,), **f32),
         )
+
+    @torch.library.register_fake("oreal_native::linear_logprob_loss_fwd")
+    def _linear_logprob_loss_fwd_fake(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature,
+                                      chunk_size, grad_hidden, grad_weight):
+        return _loss_outputs_fake(hidden, weight, grad_hidden, grad_weight)
+
+    @torch.library.register_fake("oreal_native::linear_policy_loss_fwd")
+    def _linear_policy_loss_fwd_fake(hidden, weight, labels, advantages, old_logprobs, token_scale, ref_logprobs,
+                                     kl_scale, clip_low, clip_high, temperature, chunk_size, grad_hidden,
+                                     grad_weight):
+        return _loss_outputs_fake(hidden, weight, grad_hidden, grad_weight)
 
     @torch.library.register_fake("oreal_native::token_rm_weights")
     def _token_rm_weights_fake(rm_scores, labels, cu_seqlens, is_positive):
@@ -85,11 +95,13 @@ if _C is not None:
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
+        ctx.num_inputs = len(inputs)
 
     def _backward(ctx, grad_loss, _grad_logprobs, _grad_entropy, _grad_gh, _grad_gw):
         grad_hidden, grad_weight = ctx.saved_tensors
+        num_inputs = ctx.num_inputs
         if grad_loss is None:  # the loss itself received no gradient
-            return (None,) * 10
+            return (None,) * num_inputs
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # In eager mode the saved gradients belong to this graph alone: scale them in place. Traced
         # (torch.compile, export, opcheck), stay functional and let the compiler plan the buffers.
@@ -101,10 +113,10 @@ if _C is not None:
         if want_weight and grad_weight.dim() == 2:
             out_weight = grad_weight.mul_(grad_loss) if in_place else grad_weight * grad_loss
             out_weight = out_weight.to(ctx.weight_dtype)
-        return out_hidden, out_weight, None, None, None, None, None, None, None, None
+        return (out_hidden, out_weight) + (None,) * (num_inputs - 2)
 
-    torch.library.register_autograd("oreal_native::linear_logprob_loss_fwd", _backward,
-                                    setup_context=_setup_context)
+    for _op in ("linear_logprob_loss_fwd", "linear_policy_loss_fwd"):
+        torch.library.register_autograd(f"oreal_native::{_op}", _backward, setup_context=_setup_context)
 
 
 def linear_logprob_loss(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature=1.0,
@@ -127,6 +139,44 @@ def linear_logprob_loss(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight
         hidden, weight, labels, pg_coef, ref_logprobs, kl_weight.to(torch.float32), float(temperature),
         int(chunk_size or 0), want_hidden, want_weight)
     return loss, logprobs, entropy
+
+
+def linear_policy_loss(hidden, weight, labels, advantages, old_logprobs, token_scale, ref_logprobs, kl_scale,
+                       clip_low, clip_high, temperature=1.0, chunk_size=None):
+    """PPO's clipped surrogate (see `oreal.ops.torch_backend`): (loss, logprobs, entropy, stats).
+
+    `stats` holds 0-d fp32 tensors `clip_fraction`, `ratio_mean`, `ratio_max` over action tokens,
+    computed here from the returned log-probs (r_t = exp(lp_t - old_t)) exactly as the torch backend
+    does, so the kernels need no extra reductions.
+    """
+    _require_built()
+    if hidden.dtype == torch.float64:  # gradcheck-grade calls: see linear_logprob_loss
+        from oreal.ops import torch_backend
+
+        return torch_backend.linear_policy_loss(hidden, weight, labels, advantages, old_logprobs, token_scale,
+                                                ref_logprobs, kl_scale, clip_low, clip_high, temperature,
+                                                chunk_size)
+    grad_enabled = torch.is_grad_enabled()
+    want_hidden = grad_enabled and hidden.requires_grad
+    want_weight = grad_enabled and weight.requires_grad
+    loss, logprobs, entropy, _, _ = torch.ops.oreal_native.linear_policy_loss_fwd(
+        hidden, weight, labels, advantages, old_logprobs, token_scale, ref_logprobs, kl_scale, float(clip_low),
+        float(clip_high), float(temperature), int(chunk_size or 0), want_hidden, want_weight)
+    stats = _clip_statistics(logprobs, labels, advantages, old_logprobs, float(clip_low), float(clip_high))
+    return loss, logprobs, entropy, stats
+
+
+def _clip_statistics(logprobs, labels, advantages, old_logprobs, clip_low, clip_high) -> dict:
+    """clip_fraction (the clipped term strictly smaller), ratio_mean, ratio_max over action tokens."""
+    with torch.no_grad():
+        valid = labels >= 0
+        ratio = torch.where(valid, torch.exp(logprobs - old_logprobs), 0.0)
+        unclipped = ratio * advantages
+        clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+        count = valid.sum().clamp(min=1).float()
+        ratio_max = ratio.amax() if ratio.numel() else ratio.new_zeros(())
+        return {"clip_fraction": ((clipped < unclipped) & valid).sum().float() / count,
+                "ratio_mean": ratio.sum() / count, "ratio_max": ratio_max.float()}
 
 
 def token_rm_weights(rm_scores, labels, cu_seqlens, is_positive):
