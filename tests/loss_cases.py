@@ -66,6 +66,18 @@ def make_case(seq_lens, hidden_size, vocab_size, *, seed, polarity=None, with_rm
                       rm_scores, ref_logprobs, options)
 
 
+def reference_logprobs_near(current: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """KL reference log-probs 0.1 to ~0.7 away from `current`, on either side.
+
+    The k3 KL gradient is proportional to 1 - exp(ref - lp): with ref within ~1e-4 of lp it is a
+    cancellation, whose fp32 relative error (~|lp| 1e-7 / |ref - lp|) says nothing about the kernel.
+    A batch with one action token has nothing else in its gradient, so keep the gap away from 0.
+    """
+    gap = 0.1 + 0.2 * torch.randn(current.shape, generator=generator).abs()
+    sign = torch.where(torch.rand(current.shape, generator=generator) < 0.5, -1.0, 1.0)
+    return current + sign * gap
+
+
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     value, reference = value.double(), reference.double()
     denom = reference.norm().item()

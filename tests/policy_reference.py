@@ -35,7 +35,7 @@ def reference_policy_loss(hidden, weight, labels, cu_seqlens, advantages, old_lo
             ratio = torch.exp(lp - float(old_logprobs[t]))
             clipped_ratio = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
             term = -torch.minimum(ratio * adv, clipped_ratio * adv)
-            clipped += int(float(clipped_ratio * adv) < float(ratio * adv))
+            clipped += int(clipped_ratio.item() * adv < ratio.item() * adv)
             ratios += float(ratio)
             ratio_max = max(ratio_max, float(ratio))
             if ref_logprobs is not None:

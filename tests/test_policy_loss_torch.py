@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import oreal
-from loss_cases import make_case, relative_error
+from loss_cases import make_case, reference_logprobs_near, relative_error
 from policy_reference import reference_policy_loss
 
 
@@ -17,7 +17,7 @@ def _policy_case(seq_lens, hidden_size, vocab_size, seed, per_token=False):
         current = torch.log_softmax(logits, -1).gather(1, case.labels.clamp(min=0)[:, None])[:, 0]
     old = current + torch.randn(len(case.labels), generator=g) * 0.3
     advantages = torch.randn(len(case.labels) if per_token else len(seq_lens), generator=g)
-    ref = current + torch.randn(len(case.labels), generator=g) * 0.2
+    ref = reference_logprobs_near(current, g)
     return case, advantages, old, ref
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import oreal
-from loss_cases import make_case, relative_error
+from loss_cases import make_case, reference_logprobs_near, relative_error
 from oreal.ops import native
 from oreal.ops.policy_loss import token_scales
 from policy_reference import reference_policy_loss
@@ -68,7 +68,7 @@ def make_policy_case(seq_lens, hidden_size, vocab_size, *, seed, per_token=False
     choice[action] = (torch.arange(len(action)) % 4)[torch.randperm(len(action), generator=g)]
     log_ratio = torch.tensor([0.6, -0.6, 0.05, -0.05])[choice] + 0.02 * (torch.rand(total, generator=g) - 0.5)
     old = current - log_ratio * token_adv.sign()
-    ref = current + 0.2 * torch.randn(total, generator=g) if with_ref else None
+    ref = reference_logprobs_near(current, g) if with_ref else None
     if with_ref:
         options.setdefault("kl_coef", 0.05)
     return PolicyCase(base.hidden, base.weight, base.labels, base.cu_seqlens, advantages, old, ref, options)
