@@ -8,7 +8,7 @@ One file holds every setting of the demo:
 - `config()`: the OREAL RL run (`python -m oreal.train`), whose `data`, `eval` and `judge` sections
   also decide how the demo scores held-out pass@1;
 - `grpo_options()`: the command-line options that turn `config()` into the GRPO recipe at the same
-  budget, or None while the trainer has no GRPO.
+  budget (None skips GRPO).
 
 `oreal-demo` fills in the paths (data files, the SFT model, output directories) and the seed. To
 rerun one stage by hand after a demo has run in outputs/demo:
@@ -17,10 +17,19 @@ rerun one stage by hand after a demo has run in outputs/demo:
     torchrun --nproc_per_node 2 -m oreal.train --config configs/demo_cpu.py
 
 Why these numbers: sequences are short (prompts ~40 tokens, solutions ~10-30), so a 0.7M-parameter
-model trains and samples in milliseconds per step; SFT is stopped early on purpose (the model has
-the format and most of the arithmetic but slips, at temperature 1, on a good share of problems), so
-RL has room to improve; prompts have 1-3 operations, which gives every RL step plenty of prompts
-with both right and wrong samples, the only ones OREAL learns from.
+model trains and samples in milliseconds per step. Half the SFT solutions are bare answers
+(`sft_direct_rate=0.5`, as in datasets that mix worked solutions with answer-only ones), so the SFT
+model answers about half the problems without working them out, and those answers are mostly wrong
+(20-25% against ~80% for its worked solutions, greedy). The outcome reward alone has to teach it
+that writing the chain pays: RL lifts held-out pass@1 by that switch (response length grows from
+~11 to ~18 tokens, bare answers fall from 54-63% to 0%); accuracy inside worked solutions stays
+about where SFT left it (benchmarks/results/demo_cpu/README.md). At a
+0.7 share the SFT model's worked solutions are too weak for the switch to pay; at 0.5 it does on
+every seed we ran. Prompts have 1-3 operations, which gives every RL step plenty of prompts with
+both right and wrong samples, the only ones OREAL learns from.
+
+Held-out pass@1 is greedy (one deterministic answer per problem, no sampling noise in the
+comparison); the demo also reports it sampled at the rollout temperature (1.0, 4 samples).
 """
 
 from oreal.config import (CheckpointConfig, Config, DataConfig, EvalConfig, JudgeConfig, LogConfig, LossConfig,
@@ -36,8 +45,9 @@ MAX_NEW_TOKENS = 48  # the longest worked solution is about 30 tokens
 
 
 def task() -> SyntheticTask:
-    difficulty = Difficulty(min_steps=1, max_steps=3, max_start=20, max_operand=9, max_factor=3, max_value=50)
-    return SyntheticTask(train_size=4000, rl_size=2000, heldout_size=200, sft=difficulty, rl=difficulty)
+    difficulty = Difficulty(min_steps=1, max_steps=3, max_start=15, max_operand=6, max_factor=3, max_value=30)
+    return SyntheticTask(train_size=4000, rl_size=2000, heldout_size=200, sft=difficulty, rl=difficulty,
+                         sft_direct_rate=0.5)
 
 
 def sft_config() -> SFTConfig:
@@ -47,7 +57,7 @@ def sft_config() -> SFTConfig:
                              intermediate_size=256, attn_backend="sdpa"),
         data=SFTDataConfig(train_file=f"{OUTPUT}/data/train.jsonl", template=TEMPLATE, instruction=INSTRUCTION),
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=10, weight_decay=0.0, grad_clip=1.0),
-        train=SFTTrainConfig(steps=450, sequences_per_step=64, micro_batch_tokens=512, loss_backend="auto", seed=0,
+        train=SFTTrainConfig(steps=800, sequences_per_step=64, micro_batch_tokens=512, loss_backend="auto", seed=0,
                              log_interval=20),
     )
 
@@ -64,16 +74,27 @@ def config() -> Config:
                               sync_bucket_mb=16),
         judge=JudgeConfig(stop_word=STOP_WORD, timeout_s=2.0, num_workers=1),
         loss=LossConfig(kl_coef=0.01, pos_coef=1.0, neg_coef=0.5, filter_groups=True, use_token_rm=True),
-        policy_optim=OptimConfig(lr=3e-4, min_lr=3e-5, warmup_steps=2, weight_decay=0.0, grad_clip=1.0),
+        policy_optim=OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0, grad_clip=1.0),
         rm_optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, weight_decay=0.0, grad_clip=1.0),
-        train=TrainConfig(steps=40, freeze_policy_steps=2, micro_batch_tokens=512, seed=0, device="cpu"),
+        train=TrainConfig(steps=100, freeze_policy_steps=3, micro_batch_tokens=512, seed=0, device="cpu"),
         checkpoint=CheckpointConfig(interval=0, keep_last=1, export_hf=True),
-        eval=EvalConfig(files=[f"{OUTPUT}/data/heldout.jsonl"], interval=10, at_start=False, samples=4,
-                        max_problems=0, temperature=1.0, top_p=1.0, max_new_tokens=MAX_NEW_TOKENS),
+        # greedy held-out pass@1 (the demo also reports it sampled at the rollout temperature)
+        eval=EvalConfig(files=[f"{OUTPUT}/data/heldout.jsonl"], interval=20, at_start=False, samples=1,
+                        max_problems=0, temperature=0.0, top_p=1.0, max_new_tokens=MAX_NEW_TOKENS),
         log=LogConfig(tensorboard=False, progress_bar=False),
     )
 
 
-def grpo_options():
-    """Options that make `config()` the GRPO recipe at the same budget; None: the trainer has no GRPO yet."""
-    return None
+def grpo_options() -> list[str] | None:
+    """Command-line options that turn `config()` into RLinf's GRPO recipe at the same budget.
+
+    Same SFT model, prompts, samples per prompt, steps, learning rate, engine and evaluation; the
+    update is GRPO's: rewards +5 / -5, advantages normalised over the 8 samples of each prompt,
+    every sample trained on, DAPO's token-level clipped surrogate (clip 0.2) over 2 minibatches,
+    RLinf's minibatch early-stop at an importance ratio of 5, no KL. There is no token RM to warm
+    up, so the policy trains from the first step. (None would skip GRPO in the demo.)
+    """
+    return ["--algorithm", "grpo", "--train.freeze_policy_steps", "0",
+            "--ppo.epochs", "1", "--ppo.minibatches", "2", "--ppo.clip_low", "0.2", "--ppo.clip_high", "0.2",
+            "--ppo.loss_agg", "token", "--ppo.kl_coef", "0.0", "--ppo.early_stop_ratio", "5.0",
+            "--ppo.early_stop_statistic", "mean", "--ppo.reward_correct", "5.0", "--ppo.reward_wrong", "-5.0"]

@@ -7,13 +7,14 @@ Stages (each a real entry point; the settings are all in `configs/demo_cpu.py`):
 1. data      multi-step arithmetic word problems (`oreal.data.synthetic`): SFT data, RL prompts and a
              held-out set, disjoint by arithmetic chain;
 2. sft       `torchrun --nproc_per_node 2 -m oreal.sft`: a tokenizer trained in-process and a tiny Qwen2,
-             fine-tuned on worked solutions with FSDP2 over gloo; deliberately short, so the SFT model
-             knows the format but still makes mistakes;
-3. eval      held-out pass@1 of the SFT model (`oreal.heldout`, scored as the trainer scores);
+             fine-tuned with FSDP2 over gloo on a mix of worked solutions and bare answers, so the SFT
+             model often answers without working the problem out;
+3. eval      held-out pass@1 of the SFT model (`oreal.heldout`, scored as the trainer scores: greedy in
+             the demo config), and sampled at the rollout temperature;
 4. oreal     `torchrun --nproc_per_node 2 -m oreal.train`: the real trainer (transformers rollout engine,
              judger, RLOO, filtering, token RM, fused OREAL loss, weight sync), then held-out pass@1;
-5. grpo      the same budget with the GRPO recipe, when the trainer has one (`grpo_config()` in the
-             config file returns None otherwise, and `grpo_pass1` is null);
+5. grpo      the same budget with the GRPO recipe (`grpo_options()` in the config file; None skips it
+             and `grpo_pass1` is null);
 6. report    a before/after table, `results.json` (`sft_pass1`, `oreal_pass1`, `grpo_pass1`, `seconds`,
              `seed`, and more) and `curves.png` (reward, held-out pass@1, response length per step).
 
@@ -42,7 +43,7 @@ class DemoError(RuntimeError):
 
 
 def load_config_module(path: str | Path):
-    """The demo's config file as a module (it defines task(), sft_config(), config() and grpo_config())."""
+    """The demo's config file as a module (it defines task(), sft_config(), config() and grpo_options())."""
     import importlib.util
 
     path = Path(path)
@@ -127,6 +128,11 @@ def options(pairs: list[str]) -> list[str]:
     return out
 
 
+def describe_eval(cfg, result: dict) -> str:
+    kind = "greedy" if cfg.eval.temperature == 0 else f"T={cfg.eval.temperature:g}"
+    return f"{kind}, {result['problems']} problems x {result['samples']}"
+
+
 def last_eval(run_dir: Path) -> dict:
     from oreal.plotting import EVAL_FILE, read_records
 
@@ -134,8 +140,8 @@ def last_eval(run_dir: Path) -> dict:
     return records[-1] if records else {}
 
 
-def format_table(rows: list[tuple[str, float | None, str]], sft: float) -> str:
-    lines = [f"{'model':<28}{'held-out pass@1':>16}{'vs SFT':>10}", "-" * 54]
+def format_table(rows: list[tuple[str, float | None, str]], sft: float, *, metric: str = "held-out pass@1") -> str:
+    lines = [f"{'model':<28}{metric:>16}{'vs SFT':>10}", "-" * 54]
     for name, value, note in rows:
         if value is None:
             lines.append(f"{name:<28}{'n/a':>16}{'':>10}  {note}".rstrip())
@@ -143,6 +149,23 @@ def format_table(rows: list[tuple[str, float | None, str]], sft: float) -> str:
             delta = "" if name.startswith("SFT") else f"{100 * (value - sft):+.1f}"
             lines.append(f"{name:<28}{100 * value:>15.1f}%{delta:>10}  {note}".rstrip())
     return "\n".join(lines)
+
+
+SAMPLED_SAMPLES = 4  # samples per problem for the second score, drawn at the rollout temperature
+
+
+def score_model(model_dir: Path, cfg, seed: int) -> dict:
+    """Held-out pass@1 as the RL config's `eval` section scores it (the demo's headline: greedy), and the
+    same problems sampled at the rollout temperature (`sampled_pass@1`, the policy RL actually trained)."""
+    import dataclasses
+
+    from oreal.heldout import evaluate_model
+
+    headline = evaluate_model(model_dir, cfg, seed=seed, num_threads=NPROC)
+    sampled_eval = dataclasses.replace(cfg.eval, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                       samples=SAMPLED_SAMPLES)
+    sampled = evaluate_model(model_dir, dataclasses.replace(cfg, eval=sampled_eval), seed=seed, num_threads=NPROC)
+    return {**headline, "sampled_pass@1": sampled["pass@1"], "sampled_response_length": sampled["response_length"]}
 
 
 def resolve_rl_config(args: list[str]):
@@ -160,7 +183,6 @@ def run_demo(output_dir: str | Path, seed: int = 0, *, config_path: str | Path =
              echo=print) -> dict:
     """The whole demo; returns what it writes to `<output_dir>/results.json`."""
     from oreal.data.synthetic import SyntheticTask
-    from oreal.heldout import evaluate_model
     from oreal.plotting import plot_runs
 
     start = time.perf_counter()
@@ -194,19 +216,20 @@ def run_demo(output_dir: str | Path, seed: int = 0, *, config_path: str | Path =
     oreal_args = rl_args(config_path, out, "oreal", paths, seed, model_dir, options(list(rl_options)))
     rl_cfg = resolve_rl_config(oreal_args)
     t = time.perf_counter()
-    sft_eval = evaluate_model(model_dir, rl_cfg, seed=seed, num_threads=NPROC)
+    sft_eval = score_model(model_dir, rl_cfg, seed)
     timings["eval_sft"] = time.perf_counter() - t
-    echo(f"[eval] SFT held-out pass@1 = {sft_eval['pass@1']:.3f} ({sft_eval['problems']} problems x "
-         f"{sft_eval['samples']} samples, {timings['eval_sft']:.0f}s)")
+    echo(f"[eval] SFT held-out pass@1 = {sft_eval['pass@1']:.3f} ({describe_eval(rl_cfg, sft_eval)}; sampled at "
+         f"T={rl_cfg.rollout.temperature:g}: {sft_eval['sampled_pass@1']:.3f}; {timings['eval_sft']:.0f}s)")
 
     # 4. OREAL.
     runs = {"OREAL": out / "oreal"}
     echo(f"[oreal] torchrun x{NPROC}: {rl_cfg.train.steps} OREAL steps (log: {out / 'oreal.log'})")
     timings["oreal"] = run_stage("oreal", torchrun("oreal.train", oreal_args), out / "oreal.log")
     t = time.perf_counter()
-    oreal_eval = evaluate_model(out / "oreal" / "hf", rl_cfg, seed=seed, num_threads=NPROC)
+    oreal_eval = score_model(out / "oreal" / "hf", rl_cfg, seed)
     timings["eval_oreal"] = time.perf_counter() - t
-    echo(f"[oreal] done in {timings['oreal']:.0f}s; held-out pass@1 = {oreal_eval['pass@1']:.3f}")
+    echo(f"[oreal] done in {timings['oreal']:.0f}s; held-out pass@1 = {oreal_eval['pass@1']:.3f} "
+         f"(sampled: {oreal_eval['sampled_pass@1']:.3f})")
 
     # 5. GRPO at the same budget, when the trainer has it.
     grpo_eval, grpo_note = None, ""
@@ -214,7 +237,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, *, config_path: str | Path =
     if skip_grpo:
         grpo_note = "skipped (--skip-grpo)"
     elif grpo_extra is None:
-        grpo_note = "not run: the trainer has no GRPO recipe yet (grpo_options() in the config returned None)"
+        grpo_note = "not run: grpo_options() in the config returned None"
     else:
         grpo_args = rl_args(config_path, out, "grpo", paths, seed, model_dir,
                             list(grpo_extra) + options(list(rl_options)))
@@ -222,17 +245,19 @@ def run_demo(output_dir: str | Path, seed: int = 0, *, config_path: str | Path =
         echo(f"[grpo] torchrun x{NPROC}: {grpo_cfg.train.steps} GRPO steps (log: {out / 'grpo.log'})")
         timings["grpo"] = run_stage("grpo", torchrun("oreal.train", grpo_args), out / "grpo.log")
         t = time.perf_counter()
-        grpo_eval = evaluate_model(out / "grpo" / "hf", grpo_cfg, seed=seed, num_threads=NPROC)
+        grpo_eval = score_model(out / "grpo" / "hf", grpo_cfg, seed)
         timings["eval_grpo"] = time.perf_counter() - t
         runs["GRPO"] = out / "grpo"
-        echo(f"[grpo] done in {timings['grpo']:.0f}s; held-out pass@1 = {grpo_eval['pass@1']:.3f}")
+        echo(f"[grpo] done in {timings['grpo']:.0f}s; held-out pass@1 = {grpo_eval['pass@1']:.3f} "
+             f"(sampled: {grpo_eval['sampled_pass@1']:.3f})")
     if grpo_note:
         echo(f"[grpo] {grpo_note}")
 
     # 6. Report.
     sft_pass1 = sft_eval["pass@1"]
     plot_path = plot_runs(runs, out / "curves.png", start_pass1=sft_pass1,
-                          title=f"OREAL demo on synthetic arithmetic (seed {seed}; SFT pass@1 {sft_pass1:.2f})")
+                          title=f"OREAL demo on synthetic arithmetic (seed {seed}; held-out pass@1 "
+                                f"{describe_eval(rl_cfg, sft_eval).split(',')[0]}, SFT {sft_pass1:.2f})")
     seconds = time.perf_counter() - start
     results = {
         "sft_pass1": sft_pass1,
@@ -244,6 +269,10 @@ def run_demo(output_dir: str | Path, seed: int = 0, *, config_path: str | Path =
         "grpo_note": grpo_note or None,
         "heldout": {"problems": sft_eval["problems"], "samples_per_problem": sft_eval["samples"],
                     "temperature": rl_cfg.eval.temperature, "top_p": rl_cfg.eval.top_p},
+        "sampled_pass1": {"sft": sft_eval["sampled_pass@1"], "oreal": oreal_eval["sampled_pass@1"],
+                          "grpo": grpo_eval["sampled_pass@1"] if grpo_eval else None,
+                          "temperature": rl_cfg.rollout.temperature, "top_p": rl_cfg.rollout.top_p,
+                          "samples_per_problem": SAMPLED_SAMPLES},
         "response_length": {"sft": sft_eval["response_length"], "oreal": oreal_eval["response_length"],
                             "grpo": grpo_eval["response_length"] if grpo_eval else None},
         "rl_steps": rl_cfg.train.steps,
@@ -251,16 +280,32 @@ def run_demo(output_dir: str | Path, seed: int = 0, *, config_path: str | Path =
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
         "cpu_seconds": _cpu_seconds(),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "versions": _versions(),
         "plot": str(plot_path),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    rows = [("SFT", sft_pass1, ""), (f"OREAL ({rl_cfg.train.steps} steps)", oreal_eval["pass@1"], "")]
-    rows.append(("GRPO", grpo_eval["pass@1"], "") if grpo_eval else ("GRPO", None, grpo_note))
-    echo("")
-    echo(format_table(rows, sft_pass1))
+    for key, metric in (("pass@1", describe_eval(rl_cfg, sft_eval)),
+                        ("sampled_pass@1", f"sampled, T={rl_cfg.rollout.temperature:g} x{SAMPLED_SAMPLES}")):
+        rows = [("SFT", sft_eval[key], ""), (f"OREAL ({rl_cfg.train.steps} steps)", oreal_eval[key], "")]
+        rows.append(("GRPO", grpo_eval[key], "") if grpo_eval else ("GRPO", None, grpo_note))
+        echo("")
+        echo(f"held-out pass@1, {metric}:")
+        echo(format_table(rows, sft_eval[key]))
     echo("")
     echo(f"total {seconds:.0f}s; results: {out / 'results.json'}; curves: {plot_path}")
     return results
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for name in ("oreal", "torch", "transformers", "tokenizers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _cpu_seconds() -> float:
@@ -290,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the in-process evaluations load models; keep the console to the stages
     try:
         run_demo(args.output_dir, args.seed, config_path=args.config, sft_options=args.sft, rl_options=args.rl,
                  skip_grpo=args.skip_grpo)

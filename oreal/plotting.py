@@ -2,7 +2,7 @@
 
     plot_runs({"OREAL": run_dir_a, "GRPO": run_dir_b}, "curves.png", start_pass1=0.42)
 
-Each run directory holds the trainer's `metrics.jsonl` (one line per step: `reward/mean`,
+Per-step panels draw the raw values faintly and a 10-step trailing mean on top. Each run directory holds the trainer's `metrics.jsonl` (one line per step: `reward/mean`,
 `response/length_mean`, ...) and `eval.jsonl` (one line per evaluation: `eval/mean_pass@1`).
 `start_pass1`, the SFT model's held-out pass@1, is drawn at step 0 of the pass@1 panel when the
 runs did not evaluate at the start themselves. Matplotlib runs on its file-only "Agg" backend, so
@@ -54,6 +54,17 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [s for s, _ in points], [v for _, v in points]
 
 
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over up to `window` points (the first points average what exists so far)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_runs(runs: Mapping[str, str | Path], path: str | Path, *, start_pass1: float | None = None,
               title: str = "") -> Path:
     """Three panels (reward, held-out pass@1, response length) with one line per run; saved as a PNG."""
@@ -70,8 +81,14 @@ def plot_runs(runs: Mapping[str, str | Path], path: str | Path, *, start_pass1: 
             steps, values = series(records, key)
             if key == PASS_KEY and start_pass1 is not None and 0 not in steps:
                 steps, values = [0] + steps, [start_pass1] + values
-            if steps:
-                ax.plot(steps, values, marker="o" if key == PASS_KEY else None, markersize=4, label=name)
+            if not steps:
+                continue
+            if key == PASS_KEY:
+                ax.plot(steps, values, marker="o", markersize=4, label=name)
+            else:  # per-step values are noisy: faint raw line, bold trailing mean over 10 steps
+                line, = ax.plot(steps, values, alpha=0.3, linewidth=1)
+                ax.plot(steps, moving_average(values, 10), color=line.get_color(), linewidth=2,
+                        label=f"{name} (10-step mean)")
         if key == PASS_KEY:
             if start_pass1 is not None:
                 ax.axhline(start_pass1, color="grey", linestyle="--", linewidth=1, label="SFT")

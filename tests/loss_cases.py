@@ -61,9 +61,24 @@ def make_case(seq_lens, hidden_size, vocab_size, *, seed, polarity=None, with_rm
     magnitude = 0.25 + torch.rand(num_seqs, generator=g) * 1.5
     advantages = torch.where(is_positive, magnitude, -magnitude)
     rm_scores = torch.randn(total, generator=g) * 2 if with_rm else None
-    ref_logprobs = (-torch.rand(total, generator=g) * 8) if with_ref else None
+    ref_logprobs = _reference_logprobs(hidden, weight, labels, options.get("temperature", 1.0), g) if with_ref else None
     return PackedCase(hidden, weight, labels, torch.tensor(cu, dtype=torch.int32), advantages, is_positive,
                       rm_scores, ref_logprobs, options)
+
+
+def _reference_logprobs(hidden, weight, labels, temperature, generator) -> torch.Tensor:
+    """KL reference log-probs 0.1 to 3.1 away from the current ones, on either side.
+
+    Never closer: the k3 term exp(d) - d - 1 ~ d^2 / 2 and its derivative 1 - exp(d) are
+    cancellations in fp32 when d = ref - lp is near 0 (~1e-7 absolute error on a value of d^2 / 2),
+    and in a batch with one action token and a zero token-RM weight the KL term is the whole loss.
+    """
+    log_probs = torch.log_softmax(hidden.double() @ weight.double().T / temperature, -1)
+    current = log_probs.gather(1, labels.clamp(min=0)[:, None])[:, 0].float()
+    gap = 0.1 + 3.0 * torch.rand(current.shape, generator=generator)
+    sign = torch.where(torch.rand(current.shape, generator=generator) < 0.5, -1.0, 1.0)
+    ref = current + sign * gap
+    return torch.where(ref < 0, ref, current - gap)  # a log-probability: below 0
 
 
 def reference_logprobs_near(current: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

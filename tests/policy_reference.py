@@ -36,8 +36,8 @@ def reference_policy_loss(hidden, weight, labels, cu_seqlens, advantages, old_lo
             clipped_ratio = torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
             term = -torch.minimum(ratio * adv, clipped_ratio * adv)
             clipped += int(clipped_ratio.item() * adv < ratio.item() * adv)
-            ratios += float(ratio)
-            ratio_max = max(ratio_max, float(ratio))
+            ratios += ratio.item()
+            ratio_max = max(ratio_max, ratio.item())
             if ref_logprobs is not None:
                 d = float(ref_logprobs[t]) - lp
                 term = term + kl_coef * (torch.exp(d) - d - 1)

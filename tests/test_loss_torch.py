@@ -112,3 +112,48 @@ def test_plain_relative_error_without_cancellation():
         case = make_case([30, 12, 41], 24, 301, seed=seed, polarity=True, with_ref=False)
         out, _, _ = run_fused(case, "torch")
         assert scalar_relative_error(out.loss.detach(), run_reference(case)[0]) < 1e-5
+
+
+class _CountMatmuls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the matrix products the backend runs (logits, grad hidden, grad weight)."""
+
+    MATMULS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.addmm_.default}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.MATMULS
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_gradient_work_under_no_grad():
+    """Under torch.no_grad() (old and reference log-prob passes) only the logits are formed, even for
+    inputs that require grad; the log-probs are the same as with gradients."""
+    from oreal import fused_oreal_loss
+
+    case = make_case([9, 4], 12, 41, seed=torch.randint(0, 2**31 - 1, ()).item())
+    hidden, weight, *rest = case.args()
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    counts = {}
+    for mode in ("grad", "no_grad"):
+        with torch.set_grad_enabled(mode == "grad"), _CountMatmuls() as counter:
+            counts[mode] = (fused_oreal_loss(hidden, weight, *rest, backend="torch"), counter.count)
+    (with_grad, full), (without, logits_only) = counts["grad"], counts["no_grad"]
+    assert (full, logits_only) == (3, 1)  # one chunk: logits, then dz @ W and dz^T @ h
+    assert not without.loss.requires_grad
+    assert torch.equal(without.logprobs, with_grad.logprobs) and torch.equal(without.loss, with_grad.loss.detach())
+
+
+def test_second_backward_through_the_same_graph_is_refused():
+    """Backward scales the saved gradients in place: a second one must fail loudly, not answer wrong."""
+    case = make_case([8, 5], 10, 33, seed=3)
+    hidden, weight, *rest = case.args()
+    hidden.requires_grad_()
+    from oreal import fused_oreal_loss
+
+    out = fused_oreal_loss(hidden, weight, *rest, backend="torch")
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.loss.backward()

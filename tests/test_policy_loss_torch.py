@@ -4,21 +4,8 @@ import pytest
 import torch
 
 import oreal
-from loss_cases import make_case, reference_logprobs_near, relative_error
-from policy_reference import reference_policy_loss
-
-
-def _policy_case(seq_lens, hidden_size, vocab_size, seed, per_token=False):
-    case = make_case(seq_lens, hidden_size, vocab_size, seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    # old log-probs near the current ones, so that some ratios fall inside the clip range and some outside
-    with torch.no_grad():
-        logits = case.hidden @ case.weight.T
-        current = torch.log_softmax(logits, -1).gather(1, case.labels.clamp(min=0)[:, None])[:, 0]
-    old = current + torch.randn(len(case.labels), generator=g) * 0.3
-    advantages = torch.randn(len(case.labels) if per_token else len(seq_lens), generator=g)
-    ref = reference_logprobs_near(current, g)
-    return case, advantages, old, ref
+from loss_cases import relative_error
+from policy_cases import fresh_seed, make_policy_case, run_reference
 
 
 def _run(case, advantages, old, ref, backend="torch", **options):
@@ -27,15 +14,6 @@ def _run(case, advantages, old, ref, backend="torch", **options):
     out = oreal.fused_policy_loss(hidden, weight, case.labels, case.cu_seqlens, advantages, old, ref,
                                   backend=backend, **options)
     return out, torch.autograd.grad(out.loss, (hidden, weight))
-
-
-def _reference(case, advantages, old, ref, **options):
-    hidden = case.hidden.double().requires_grad_()
-    weight = case.weight.double().requires_grad_()
-    loss, lp, ent, clip_frac, ratio_mean, ratio_max, magnitude = reference_policy_loss(
-        hidden, weight, case.labels, case.cu_seqlens, advantages, old, ref, return_magnitude=True, **options)
-    stats = (loss.detach(), lp, ent, clip_frac, ratio_mean, ratio_max, magnitude)
-    return stats, torch.autograd.grad(loss, (hidden, weight))
 
 
 OPTIONS = {
@@ -49,15 +27,12 @@ OPTIONS = {
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 @pytest.mark.parametrize("per_token", [False, True])
 def test_matches_float64_reference(name, per_token):
-    seed = torch.randint(0, 2**31 - 2, ()).item()
-    case, adv, old, ref = _policy_case([9, 1, 0, 17, 6], 16, 211, seed, per_token)
-    options = OPTIONS[name]
-    out, (gh, gw) = _run(case, adv, old, ref, **options)
-    (loss, lp, ent, clip_frac, ratio_mean, ratio_max, magnitude), (rgh, rgw) = _reference(case, adv, old, ref,
-                                                                                           **options)
+    case = make_policy_case([9, 1, 0, 17, 6], 16, 211, seed=fresh_seed(), per_token=per_token, **OPTIONS[name])
+    out, (gh, gw) = _run(case, case.advantages, case.old_logprobs, case.ref_logprobs, **case.options)
+    (loss, lp, ent, clip_frac, ratio_mean, ratio_max, magnitude), (rgh, rgw) = run_reference(case)
     # relative to the loss's L1 magnitude (see tests/loss_cases.py): mixed-sign advantages can cancel the sum
-    assert abs(out.loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), magnitude), seed
-    assert relative_error(gh, rgh) < 1e-4 and relative_error(gw, rgw) < 1e-4, seed
+    assert abs(out.loss.item() - loss.item()) <= 1e-5 * max(abs(loss.item()), magnitude)
+    assert relative_error(gh, rgh) < 1e-4 and relative_error(gw, rgw) < 1e-4
     assert torch.allclose(out.logprobs.double(), lp, atol=1e-5)
     assert torch.allclose(out.entropy.double(), ent, atol=1e-4)
     assert abs(float(out.clip_fraction) - clip_frac) < 1e-6
@@ -69,7 +44,8 @@ def test_matches_float64_reference(name, per_token):
 def test_on_policy_gradient_equals_plain_policy_gradient():
     """With old == current log-probs every ratio is 1, nothing is clipped, and the gradient is
     the plain policy gradient of -mean(A lp)."""
-    case, adv, _, _ = _policy_case([12, 7], 10, 53, seed=3)
+    case = make_policy_case([12, 7], 10, 53, seed=3, with_ref=False)
+    adv = case.advantages
     with torch.no_grad():
         current = torch.log_softmax(case.hidden @ case.weight.T, -1).gather(1, case.labels.clamp(min=0)[:, None])[:, 0]
     out, (gh, _) = _run(case, adv, current, None)
@@ -83,7 +59,8 @@ def test_on_policy_gradient_equals_plain_policy_gradient():
 
 
 def test_bad_inputs():
-    case, adv, old, ref = _policy_case([5, 4], 8, 31, seed=1)
+    case = make_policy_case([5, 4], 8, 31, seed=1)
+    adv, old, ref = case.advantages, case.old_logprobs, case.ref_logprobs
     with pytest.raises(ValueError, match="^advantages: expected"):
         _run(case, torch.randn(3), old, ref)
     with pytest.raises(ValueError, match="^loss_agg:"):

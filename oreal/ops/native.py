@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from oreal.ops.torch_backend import is_eager
+
 try:
     from oreal import _C
 except ImportError as exc:  # not built: pip install --no-build-isolation -e .
@@ -77,15 +79,6 @@ if _C is not None:
     def _token_rm_weights_fake(rm_scores, labels, cu_seqlens, is_positive):
         return rm_scores.new_empty(rm_scores.shape, dtype=torch.float32)
 
-    def _eager(*tensors) -> bool:
-        """True outside every tracer: plain tensors (not fake/functional subclasses), no proxy mode."""
-        if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
-            return False
-        try:
-            return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None
-        except AttributeError:  # private API moved: stay on the safe, functional side
-            return False
-
     def _setup_context(ctx, inputs, output):
         weight = inputs[1]
         _loss, logprobs, entropy, grad_hidden, grad_weight = output
@@ -105,7 +98,7 @@ if _C is not None:
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # In eager mode the saved gradients belong to this graph alone: scale them in place. Traced
         # (torch.compile, export, opcheck), stay functional and let the compiler plan the buffers.
-        in_place = _eager(grad_loss, grad_hidden, grad_weight)
+        in_place = is_eager(grad_loss, grad_hidden, grad_weight)
         out_hidden = out_weight = None
         if want_hidden and grad_hidden.dim() == 2:  # [0] when the op was told not to compute it
             scale = grad_loss.to(grad_hidden.dtype)

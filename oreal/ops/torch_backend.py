@@ -27,8 +27,11 @@ The gradients are computed in the forward pass, chunk by chunk, so the `[T, V]` 
 exist and nothing of size `V` is kept between forward and backward: per chunk of C tokens we form
 the `[C, V]` logits, their softmax, the logit gradient `dz = g (onehot - p) / temperature`, and
 accumulate `grad_hidden = dz @ weight`, `grad_weight += dz^T @ hidden`. Backward only scales the
-stored gradients by the incoming scalar gradient. This is the right trade when the loss is the
-end of the graph, as it is in training.
+stored gradients by the incoming scalar gradient, in place in eager mode below float64 (so a second
+backward through the same graph is refused by autograd's version check rather than answered wrongly;
+float64, the gradcheck path, stays functional). This is
+the right trade when the loss is the end of the graph, as it is in training. Under `torch.no_grad()`
+(old-policy and reference log-prob passes) no gradient work is done at all.
 """
 
 from __future__ import annotations
@@ -37,6 +40,20 @@ import torch
 
 # Elements of one [C, V] fp32 logit chunk; each chunk holds ~2 such buffers (logits, probabilities).
 CHUNK_ELEMENTS = 1 << 23
+
+
+def is_eager(*tensors) -> bool:
+    """True outside every tracer: plain tensors (not fake/functional subclasses), no proxy mode.
+
+    Only then may a backward scale the gradients it saved in place: traced (torch.compile, export,
+    opcheck), it stays functional and lets the compiler plan the buffers.
+    """
+    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors if t is not None):
+        return False
+    try:
+        return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is None
+    except AttributeError:  # private API moved: stay on the safe, functional side
+        return False
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
@@ -149,12 +166,13 @@ def _chunk_forward_backward(h, weight, labels, terms, start, end, temperature):
 
 class _LinearLogprobLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, terms, temperature, chunk_size):
+    def forward(ctx, hidden, weight, labels, terms, temperature, chunk_size, grad_enabled):
         num_tokens = hidden.shape[0]
         vocab_size = weight.shape[0]
         chunk = chunk_size or default_chunk_size(num_tokens, vocab_size)
-        want_hidden_grad = ctx.needs_input_grad[0]
-        want_weight_grad = ctx.needs_input_grad[1]
+        # needs_input_grad follows requires_grad even under no_grad: the caller's grad mode decides
+        want_hidden_grad = grad_enabled and ctx.needs_input_grad[0]
+        want_weight_grad = grad_enabled and ctx.needs_input_grad[1]
         acc = accumulation_dtype(hidden.dtype)
         terms.cast_(acc)
         grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None
@@ -173,25 +191,29 @@ class _LinearLogprobLoss(torch.autograd.Function):
             if want_weight_grad:
                 grad_weight.addmm_(dz.T, h.to(acc))
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.weight_dtype, ctx.acc_dtype = weight.dtype, acc
         ctx.mark_non_differentiable(logprobs, entropy)
         return loss, logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logprobs, _grad_entropy):
         grad_hidden, grad_weight = ctx.saved_tensors
+        # float64 is the gradcheck path, which differentiates one graph many times: keep it functional
+        in_place = ctx.acc_dtype != torch.float64 and is_eager(grad_loss, grad_hidden, grad_weight)
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_loss.to(grad_hidden.dtype)
+            scale = grad_loss.to(grad_hidden.dtype)
+            grad_hidden = grad_hidden.mul_(scale) if in_place else grad_hidden * scale
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+            grad_weight = (grad_weight.mul_(grad_loss) if in_place else grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_logprob_loss(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature=1.0,
                         chunk_size=None):
     """OREAL's token-weighted log-prob loss over chunks of tokens (see the module docstring)."""
     terms = OrealTerms(pg_coef, ref_logprobs, kl_weight)
-    return _LinearLogprobLoss.apply(hidden, weight, labels, terms, float(temperature), chunk_size)
+    return _LinearLogprobLoss.apply(hidden, weight, labels, terms, float(temperature), chunk_size,
+                                    torch.is_grad_enabled())
 
 
 def linear_policy_loss(hidden, weight, labels, advantages, old_logprobs, token_scale, ref_logprobs, kl_scale,
@@ -200,5 +222,5 @@ def linear_policy_loss(hidden, weight, labels, advantages, old_logprobs, token_s
     terms = ClippedSurrogateTerms(advantages, old_logprobs, token_scale, ref_logprobs, kl_scale,
                                   float(clip_low), float(clip_high))
     loss, logprobs, entropy = _LinearLogprobLoss.apply(hidden, weight, labels, terms, float(temperature),
-                                                       chunk_size)
+                                                       chunk_size, torch.is_grad_enabled())
     return loss, logprobs, entropy, terms.stats()

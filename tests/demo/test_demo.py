@@ -58,13 +58,17 @@ def test_demo_config_defines_every_stage_consistently():
     assert rl.rollout.engine == "hf" and rl.train.device == "cpu" and rl.model.param_dtype == "float32"
     assert rl.loss.use_token_rm and rl.loss.kl_coef > 0  # the whole OREAL recipe, not a shortcut
     assert rl.judge.stop_word == "<|im_end|>" and rl.rollout.stop_words == ["<|im_end|>"]
-    assert rl.eval.files and rl.eval.interval > 0 and rl.eval.temperature == rl.rollout.temperature
+    assert rl.eval.files and rl.eval.interval > 0 and rl.eval.temperature == 0 and rl.eval.samples == 1  # greedy
     # The demo's overrides are valid options of the trainer's command line.
     cfg = parse_args(["--config", str(DEMO_CONFIG), "--model.path", "/x", "--data.train_files", "a.jsonl",
                       "--eval.files", "b.jsonl", "--train.seed", "3", "--data.seed", "3"]).config
     assert cfg.model.path == "/x" and cfg.train.seed == 3
-    options = module.grpo_options()
-    assert options is None or all(isinstance(o, str) for o in options)
+    # GRPO beside OREAL: the same run with the recipe switched by valid trainer options.
+    grpo = parse_args(["--config", str(DEMO_CONFIG), *module.grpo_options()]).config
+    grpo.validate()
+    assert grpo.algorithm == "grpo" and rl.algorithm == "oreal"
+    assert (grpo.train.steps, grpo.data, grpo.eval, grpo.policy_optim) == (rl.train.steps, rl.data, rl.eval,
+                                                                             rl.policy_optim)
 
 
 def test_plot_and_records(tmp_path):
@@ -104,7 +108,8 @@ def test_table_and_user_errors(tmp_path, capsys):
 
 
 def test_demo_smoke_run(tmp_path):
-    """The whole orchestration at a minimal budget: data, SFT (torchrun), eval, OREAL (torchrun), eval, report."""
+    """The whole orchestration at a minimal budget: data, SFT (torchrun), eval, OREAL and GRPO (torchrun), evals,
+    report."""
     config = tmp_path / "smoke_config.py"
     config.write_text(SMOKE_CONFIG)
     printed = []
@@ -115,18 +120,24 @@ def test_demo_smoke_run(tmp_path):
     for key in ("sft_pass1", "oreal_pass1", "grpo_pass1", "seconds", "seed"):
         assert key in saved
     assert saved["seed"] == SEED and saved["seconds"] > 0
-    for key in ("sft_pass1", "oreal_pass1"):
+    for key in ("sft_pass1", "oreal_pass1", "grpo_pass1"):  # the demo config runs GRPO beside OREAL
         assert 0.0 <= saved[key] <= 1.0 and math.isfinite(saved[key])
-    if saved["grpo_pass1"] is None:
-        assert saved["grpo_note"]
+    assert saved["grpo_note"] is None
     assert saved["heldout"]["problems"] == 8
     # Every stage left its artefacts: data, SFT model, RL metrics and evals, the exported RL policy, the plot.
     for path in ("data/train.jsonl", "data/rl.jsonl", "data/heldout.jsonl", "sft/hf/config.json",
                  "sft/metrics.jsonl", "oreal/metrics.jsonl", "oreal/eval.jsonl", "oreal/hf/config.json",
-                 "curves.png", "sft.log", "oreal.log"):
+                 "grpo/metrics.jsonl", "grpo/hf/config.json", "curves.png", "sft.log", "oreal.log", "grpo.log"):
         assert (out / path).exists(), path
-    metrics = read_records(out / "oreal" / "metrics.jsonl")
-    assert [m["step"] for m in metrics] == [1, 2]
-    assert [e["step"] for e in read_records(out / "oreal" / "eval.jsonl")] == [1, 2]
+    for run in ("oreal", "grpo"):
+        assert [m["step"] for m in read_records(out / run / "metrics.jsonl")] == [1, 2]
+        assert [e["step"] for e in read_records(out / run / "eval.jsonl")] == [1, 2]
     assert any("held-out pass@1" in line for line in printed)
+    # The answer-style breakdown scores the greedy SFT model exactly as the demo did.
+    from benchmarks.demo_answer_styles import answer_styles
+
+    rl_cfg = parse_args(["--config", str(config), "--eval.files", str(out / "data" / "heldout.jsonl")]).config
+    styles = answer_styles(out / "sft" / "hf", rl_cfg, temperature=0.0, samples=1)
+    assert styles["pass@1"] == saved["sft_pass1"] and styles["responses"] == 8
+    assert 0.0 <= styles["bare_share"] <= 1.0
     assert (out / "curves.png").stat().st_size > 10_000

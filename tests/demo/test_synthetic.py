@@ -42,6 +42,9 @@ def answer_from_text(problem: str) -> int:
 
 def check_solution(problem) -> None:
     """Every line of the worked solution is true arithmetic, chained, ending in the boxed answer."""
+    if problem.direct:
+        assert problem.solution == f"\\boxed{{{problem.answer}}}"
+        return
     *lines, last = problem.solution.split("\n")
     assert len(lines) == len(problem.steps)
     value = problem.start
@@ -97,6 +100,25 @@ def test_answers_are_right_and_difficulty_is_respected():
                 assert all(s.op != "*" for s in problem.steps)
 
 
+def test_direct_answers_change_only_the_solution_style():
+    rng = random.Random(SEED)
+    rate = rng.uniform(0.2, 0.8)
+    difficulty = fresh_difficulty(rng)
+    worked = generate_split("train", 400, difficulty, seed=SEED)
+    mixed = generate_split("train", 400, difficulty, seed=SEED, direct_rate=rate)
+    assert [p.problem for p in worked] == [p.problem for p in mixed]  # the same problems, whatever the rate
+    assert not any(p.direct for p in worked)
+    share = sum(p.direct for p in mixed) / len(mixed)
+    assert abs(share - rate) < 0.1, (SEED, rate, share)
+    for plain, problem in zip(worked, mixed):
+        check_solution(problem)
+        assert problem.solution == (f"\\boxed{{{plain.answer}}}" if problem.direct else plain.solution)
+        assert problem.to_json()["style"] == ("direct" if problem.direct else "worked")
+    assert all(p.direct for p in generate_split("rl", 30, difficulty, seed=SEED, direct_rate=1.0))
+    with pytest.raises(ValueError, match="direct_rate"):
+        generate_split("train", 3, difficulty, direct_rate=1.5)
+
+
 def test_worked_solutions_pass_the_judger_and_wrong_answers_fail():
     from oreal.reward import judge_batch
 
@@ -110,7 +132,7 @@ def test_worked_solutions_pass_the_judger_and_wrong_answers_fail():
 
 def test_jsonl_is_the_math_format_the_prompt_datasets_read(tmp_path):
     task = SyntheticTask(train_size=40, rl_size=30, heldout_size=20, sft=Difficulty(max_steps=2),
-                         rl=Difficulty(min_steps=2, max_steps=3))
+                         rl=Difficulty(min_steps=2, max_steps=3), sft_direct_rate=0.5)
     paths = task.write(tmp_path, seed=SEED)
     assert set(paths) == set(SPLITS)
     for split, size in (("train", 40), ("rl", 30), ("heldout", 20)):
@@ -123,6 +145,9 @@ def test_jsonl_is_the_math_format_the_prompt_datasets_read(tmp_path):
         assert [int(r["answer"]) for r in records] == [answer_from_text(r["problem"]) for r in records]
     assert {r["steps"] for r in read_jsonl(paths["rl"])} <= {2, 3}
     assert {r["steps"] for r in read_jsonl(paths["train"])} <= {1, 2}
+    # Only SFT data mixes in bare answers; RL prompts and held-out problems keep their worked solutions.
+    assert {r["style"] for r in read_jsonl(paths["train"])} == {"direct", "worked"}
+    assert {r["style"] for r in read_jsonl(paths["rl"]) + read_jsonl(paths["heldout"])} == {"worked"}
 
 
 def test_user_errors_name_the_input(tmp_path):

@@ -1,77 +1,18 @@
 """`backend="triton"` of `fused_policy_loss` (the clipped-surrogate mode, interpreted on CPU) against the
-independent float64 reference in tests/policy_reference.py.
-
-Old log-probs are placed so that both branches of the clip are taken in every case with two or more
-action tokens: `(lp - old) sign(A)` cycles, shuffled, through {0.6 (clip active), -0.6 (outside the
-range on the unclipped side), +-0.05 (inside)} plus a little noise, so no ratio sits within 0.1 (in log
-space) of a clip bound, where the fp32 and float64 log-probs could pick different branches.
-"""
-
-from dataclasses import dataclass
+independent float64 reference in tests/policy_reference.py, on the cases of tests/policy_cases.py."""
 
 import pytest
 import torch
 
 import oreal
-from loss_cases import make_case, reference_logprobs_near, relative_error, scalar_relative_error
+from loss_cases import relative_error, scalar_relative_error
 from oreal.ops.policy_loss import token_scales
 from oreal_kernels import linear_policy_loss
 from oreal_kernels.linear_logprob import ClippedSurrogate, surrogate_gradient_scale
-from policy_reference import reference_policy_loss
+from policy_cases import PolicyCase, fresh_seed, make_policy_case, run_reference
 
 LOSS_RTOL = 1e-5  # relative to the loss's L1 magnitude: mixed-sign advantages can cancel the loss to ~0
 GRAD_RTOL = 1e-4
-
-
-def fresh_seed() -> int:
-    return torch.randint(0, 2**31 - 2, ()).item()  # fresh inputs every run; pytest shows it on failure
-
-
-@dataclass
-class PolicyCase:
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    labels: torch.Tensor
-    cu_seqlens: torch.Tensor
-    advantages: torch.Tensor
-    old_logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor | None
-    options: dict
-
-    def args(self, dtype=torch.float32):
-        return (self.hidden.to(dtype), self.weight.to(dtype), self.labels, self.cu_seqlens, self.advantages,
-                self.old_logprobs, self.ref_logprobs)
-
-
-def current_logprobs(hidden, weight, labels, temperature):
-    log_probs = torch.log_softmax(hidden.double() @ weight.double().T / temperature, -1)
-    return log_probs.gather(1, labels.clamp(min=0)[:, None])[:, 0].float()
-
-
-def make_policy_case(seq_lens, hidden_size, vocab_size, *, seed, per_token=False, with_ref=True, empty_seq=None,
-                     round_to=torch.float32, **options) -> PolicyCase:
-    """A packed batch (prompt positions and each sequence's last position ignored) with advantages,
-    old log-probs that put ratios on both sides of the clip range, and reference log-probs near the
-    current ones. `round_to`: the dtype whose rounded inputs the ratios are placed for."""
-    base = make_case(seq_lens, hidden_size, vocab_size, seed=seed, empty_seq=empty_seq)
-    g = torch.Generator().manual_seed(seed + 1)
-    total = len(base.labels)
-    current = current_logprobs(base.hidden.to(round_to), base.weight.to(round_to), base.labels,
-                               options.get("temperature", 1.0))
-    advantages = torch.randn(total if per_token else len(seq_lens), generator=g)
-    advantages = advantages.sign() * (0.2 + advantages.abs())  # no advantage near 0
-    seq = torch.repeat_interleave(torch.arange(len(seq_lens)), torch.tensor(seq_lens))
-    token_adv = advantages if per_token else advantages[seq]
-    # a shuffled cycle over the action tokens: with two or more, both branches are taken whatever the seed
-    choice = torch.randint(0, 4, (total,), generator=g)
-    action = (base.labels != -100).nonzero()[:, 0]
-    choice[action] = (torch.arange(len(action)) % 4)[torch.randperm(len(action), generator=g)]
-    log_ratio = torch.tensor([0.6, -0.6, 0.05, -0.05])[choice] + 0.02 * (torch.rand(total, generator=g) - 0.5)
-    old = current - log_ratio * token_adv.sign()
-    ref = reference_logprobs_near(current, g) if with_ref else None
-    if with_ref:
-        options.setdefault("kl_coef", 0.05)
-    return PolicyCase(base.hidden, base.weight, base.labels, base.cu_seqlens, advantages, old, ref, options)
 
 
 def run_fused(case: PolicyCase, dtype=torch.float32, backend="triton"):
@@ -80,21 +21,6 @@ def run_fused(case: PolicyCase, dtype=torch.float32, backend="triton"):
     out = oreal.fused_policy_loss(hidden, weight, *rest, backend=backend, **case.options)
     grads = torch.autograd.grad(out.loss, (hidden, weight), allow_unused=True)
     return out, tuple(torch.zeros_like(x) if g is None else g for x, g in zip((hidden, weight), grads))
-
-
-def run_reference(case: PolicyCase, dtype=torch.float32):
-    """float64 on the inputs rounded to `dtype`: (loss, logprobs, entropy, clip_frac, ratio_mean, ratio_max),
-    (grad_hidden, grad_weight)."""
-    hidden, weight, *rest = case.args(dtype)
-    hidden = hidden.double().requires_grad_()
-    weight = weight.double().requires_grad_()
-    loss, *others, magnitude = reference_policy_loss(hidden, weight, *rest, return_magnitude=True, **case.options)
-    others = others + [magnitude]
-    if loss.requires_grad:
-        grads = torch.autograd.grad(loss, (hidden, weight))
-    else:  # no action token: the loss is the constant 0
-        grads = (torch.zeros_like(hidden), torch.zeros_like(weight))
-    return (loss.detach(), *others), grads
 
 
 def assert_matches_reference(case: PolicyCase, *, both_branches=True):
@@ -155,7 +81,7 @@ def test_no_action_token_at_all():
     case = make_policy_case([3, 5], 8, 31, seed=fresh_seed(), loss_agg="sequence")
     case.labels[:] = -100
     out, (grad_hidden, grad_weight) = run_fused(case)
-    assert float(out.loss) == 0 and grad_hidden.abs().max() == 0 and grad_weight.abs().max() == 0
+    assert float(out.loss.detach()) == 0 and grad_hidden.abs().max() == 0 and grad_weight.abs().max() == 0
     assert float(out.clip_fraction) == float(out.ratio_mean) == float(out.ratio_max) == 0
 
 
