@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks import bench_loss, kernel_report
+from loss_cases import relative_error
 from oreal.ops import native
 
 
@@ -34,8 +35,10 @@ def test_fused_providers_agree_with_naive(provider):
     loss, logprobs, _ = bench_loss.make_provider(provider, batch)()
     assert torch.allclose(loss, naive_loss, rtol=1e-5, atol=1e-7)
     assert torch.allclose(logprobs, naive_lp, rtol=1e-5, atol=1e-5)
+    # Norm-relative, as every loss test: one gradient entry can be a cancelling sum (~1e-9 of its terms),
+    # where two fp32 summation orders legitimately differ by more than an element-wise 1e-4.
     for ours, theirs in zip(_grads(batch), naive_grads):
-        assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-7)
+        assert relative_error(ours, theirs) < 1e-4
 
 
 def test_liger_and_floor_providers_run():

@@ -127,7 +127,8 @@ def test_matches_torch_backend():
     """Same per-token inputs to both backends' internal op: same loss, log-probs, gradients and stats."""
     from oreal.ops import torch_backend
 
-    case = make_policy_case([12, 5, 9], 16, 131, seed=fresh_seed(), per_token=True)
+    # ratios placed for this temperature, so no token sits near a clip bound where the backends could differ
+    case = make_policy_case([12, 5, 9], 16, 131, seed=fresh_seed(), per_token=True, temperature=0.8)
     scale = token_scales(case.labels, case.cu_seqlens, "token")
     args = (case.labels, case.advantages, case.old_logprobs, scale, case.ref_logprobs, 0.1 * scale, 0.15, 0.25)
     results = []
@@ -136,9 +137,12 @@ def test_matches_torch_backend():
         weight = case.weight.clone().requires_grad_()
         loss, logprobs, _, stats = impl(hidden, weight, *args, temperature=0.8)
         loss.backward()
-        results.append((loss.detach(), logprobs, hidden.grad, weight.grad, *(stats[k] for k in sorted(stats))))
-    for mine, theirs in zip(*results):
-        assert torch.allclose(mine, theirs, rtol=1e-4, atol=1e-6), (mine, theirs)
+        results.append(((loss.detach(), logprobs, *(stats[k] for k in sorted(stats))), (hidden.grad, weight.grad)))
+    (mine, my_grads), (theirs, their_grads) = results
+    for a, b in zip(mine, theirs):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a, b)
+    for a, b in zip(my_grads, their_grads):  # norm-relative: one entry can be a cancelling sum
+        assert relative_error(a, b) < 1e-4
 
 
 def test_bad_per_token_input_is_refused():
