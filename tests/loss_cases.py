@@ -61,36 +61,32 @@ def make_case(seq_lens, hidden_size, vocab_size, *, seed, polarity=None, with_rm
     magnitude = 0.25 + torch.rand(num_seqs, generator=g) * 1.5
     advantages = torch.where(is_positive, magnitude, -magnitude)
     rm_scores = torch.randn(total, generator=g) * 2 if with_rm else None
-    ref_logprobs = _reference_logprobs(hidden, weight, labels, options.get("temperature", 1.0), g) if with_ref else None
+    ref_logprobs = None
+    if with_ref:
+        current = current_logprobs(hidden, weight, labels, options.get("temperature", 1.0))
+        ref_logprobs = reference_logprobs_away(current, g, max_gap=3.1)
     return PackedCase(hidden, weight, labels, torch.tensor(cu, dtype=torch.int32), advantages, is_positive,
                       rm_scores, ref_logprobs, options)
 
 
-def _reference_logprobs(hidden, weight, labels, temperature, generator) -> torch.Tensor:
-    """KL reference log-probs 0.1 to 3.1 away from the current ones, on either side.
+def current_logprobs(hidden, weight, labels, temperature=1.0) -> torch.Tensor:
+    """Log-probabilities of the labels (float64 log-softmax, returned in fp32); ignored labels read token 0."""
+    log_probs = torch.log_softmax(hidden.double() @ weight.double().T / temperature, -1)
+    return log_probs.gather(1, labels.clamp(min=0)[:, None])[:, 0].float()
+
+
+def reference_logprobs_away(current: torch.Tensor, generator: torch.Generator, *, max_gap: float) -> torch.Tensor:
+    """KL reference log-probs 0.1 to `max_gap` away from `current`, on either side, always below 0.
 
     Never closer: the k3 term exp(d) - d - 1 ~ d^2 / 2 and its derivative 1 - exp(d) are
-    cancellations in fp32 when d = ref - lp is near 0 (~1e-7 absolute error on a value of d^2 / 2),
-    and in a batch with one action token and a zero token-RM weight the KL term is the whole loss.
+    cancellations in fp32 when d = ref - lp is near 0 (relative error ~|lp| 1e-7 / |d|), which says
+    nothing about a kernel; and in a batch with one action token (a zero token-RM weight, or the
+    clip active) the KL term is the whole loss and gradient.
     """
-    log_probs = torch.log_softmax(hidden.double() @ weight.double().T / temperature, -1)
-    current = log_probs.gather(1, labels.clamp(min=0)[:, None])[:, 0].float()
-    gap = 0.1 + 3.0 * torch.rand(current.shape, generator=generator)
+    gap = 0.1 + (max_gap - 0.1) * torch.rand(current.shape, generator=generator)
     sign = torch.where(torch.rand(current.shape, generator=generator) < 0.5, -1.0, 1.0)
     ref = current + sign * gap
     return torch.where(ref < 0, ref, current - gap)  # a log-probability: below 0
-
-
-def reference_logprobs_near(current: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """KL reference log-probs 0.1 to ~0.7 away from `current`, on either side.
-
-    The k3 KL gradient is proportional to 1 - exp(ref - lp): with ref within ~1e-4 of lp it is a
-    cancellation, whose fp32 relative error (~|lp| 1e-7 / |ref - lp|) says nothing about the kernel.
-    A batch with one action token has nothing else in its gradient, so keep the gap away from 0.
-    """
-    gap = 0.1 + 0.2 * torch.randn(current.shape, generator=generator).abs()
-    sign = torch.where(torch.rand(current.shape, generator=generator) < 0.5, -1.0, 1.0)
-    return current + sign * gap
 
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:

@@ -4,7 +4,7 @@ Old log-probs are placed so that both branches of the clip are taken in every ca
 action tokens: `(lp - old) sign(A)` cycles, shuffled, through {0.6 (clip active), -0.6 (outside the
 range on the unclipped side), +-0.05 (inside)} plus a little noise, so no ratio sits within 0.1 (in log
 space) of a clip bound, where the fp32 and float64 log-probs could pick different branches. Advantages
-stay away from 0 and KL reference log-probs away from the current ones (see `reference_logprobs_near`).
+stay away from 0 and KL reference log-probs away from the current ones (see `loss_cases.reference_logprobs_away`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from loss_cases import make_case, reference_logprobs_near
+import oreal
+from loss_cases import current_logprobs, make_case, reference_logprobs_away, relative_error
+from oreal.ops.policy_loss import token_scales
 from policy_reference import reference_policy_loss
 
 
@@ -37,15 +39,10 @@ class PolicyCase:
                 self.old_logprobs, self.ref_logprobs)
 
 
-def current_logprobs(hidden, weight, labels, temperature):
-    log_probs = torch.log_softmax(hidden.double() @ weight.double().T / temperature, -1)
-    return log_probs.gather(1, labels.clamp(min=0)[:, None])[:, 0].float()
-
-
 def make_policy_case(seq_lens, hidden_size, vocab_size, *, seed, per_token=False, with_ref=True, empty_seq=None,
                      round_to=torch.float32, **options) -> PolicyCase:
     """A packed batch (prompt positions and each sequence's last position ignored) with advantages,
-    old log-probs that put ratios on both sides of the clip range, and KL reference log-probs 0.1 to ~0.7
+    old log-probs that put ratios on both sides of the clip range, and KL reference log-probs 0.1 to 0.7
     from the current ones. `round_to`: the dtype whose rounded inputs the ratios are placed for."""
     base = make_case(seq_lens, hidden_size, vocab_size, seed=seed, empty_seq=empty_seq)
     g = torch.Generator().manual_seed(seed + 1)
@@ -62,7 +59,7 @@ def make_policy_case(seq_lens, hidden_size, vocab_size, *, seed, per_token=False
     choice[action] = (torch.arange(len(action)) % 4)[torch.randperm(len(action), generator=g)]
     log_ratio = torch.tensor([0.6, -0.6, 0.05, -0.05])[choice] + 0.02 * (torch.rand(total, generator=g) - 0.5)
     old = current - log_ratio * token_adv.sign()
-    ref = reference_logprobs_near(current, g) if with_ref else None
+    ref = reference_logprobs_away(current, g, max_gap=0.7) if with_ref else None
     if with_ref:
         options.setdefault("kl_coef", 0.05)
     return PolicyCase(base.hidden, base.weight, base.labels, base.cu_seqlens, advantages, old, ref, options)
@@ -81,3 +78,98 @@ def run_reference(case: PolicyCase, dtype=torch.float32):
     else:  # no action token: the loss is the constant 0
         grads = (torch.zeros_like(hidden), torch.zeros_like(weight))
     return (loss.detach(), *others), grads
+
+
+# ---- checks shared by every backend's policy-loss tests ----
+
+LOSS_RTOL = 1e-5  # relative to the loss's L1 magnitude: mixed-sign advantages can cancel the loss to ~0
+GRAD_RTOL = 1e-4
+
+MIXED = [7, 1, 13, 0, 9]  # a length-1 sequence (one action token) and an empty one
+CASES = {  # each backend's tests add their own odd-shape case
+    "token_kl_per_sequence_adv": dict(seq_lens=MIXED, hidden_size=24, vocab_size=101),
+    "token_no_kl_per_token_adv_asymmetric": dict(seq_lens=MIXED, hidden_size=24, vocab_size=101, per_token=True,
+                                                 with_ref=False, clip_low=0.2, clip_high=0.28),
+    "sequence_kl_per_token_adv_no_action_seq": dict(seq_lens=[6, 8, 4, 1], hidden_size=12, vocab_size=57,
+                                                    per_token=True, empty_seq=1, loss_agg="sequence"),
+    "sequence_no_kl_temperature_asymmetric": dict(seq_lens=MIXED, hidden_size=16, vocab_size=77, with_ref=False,
+                                                  loss_agg="sequence", temperature=0.7, clip_low=0.1,
+                                                  clip_high=0.3),
+    "global_num_tokens_temperature": dict(seq_lens=[10, 3, 12], hidden_size=12, vocab_size=57, num_tokens=100,
+                                          temperature=1.3, kl_coef=0.1),
+}
+
+
+def run_fused(case: PolicyCase, backend: str, dtype=torch.float32):
+    """`fused_policy_loss` on the case's inputs in `dtype`: (output, (grad_hidden, grad_weight))."""
+    hidden, weight, *rest = case.args(dtype)
+    hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = oreal.fused_policy_loss(hidden, weight, *rest, backend=backend, **case.options)
+    grads = torch.autograd.grad(out.loss, (hidden, weight), allow_unused=True)
+    return out, tuple(torch.zeros_like(x) if g is None else g for x, g in zip((hidden, weight), grads))
+
+
+def assert_loss_close(loss, ref_loss, magnitude):
+    bound = LOSS_RTOL * max(abs(float(ref_loss)), magnitude)
+    loss, ref_loss = float(loss.detach()), float(ref_loss)
+    assert abs(loss - ref_loss) <= bound, (loss, ref_loss, magnitude)
+
+
+def assert_stats_match(stats, clip_fraction, ratio_mean, ratio_max):
+    for stat in stats:
+        assert stat.shape == () and stat.dtype == torch.float32 and not stat.requires_grad
+    assert abs(float(stats[0]) - clip_fraction) < 1e-6, (float(stats[0]), clip_fraction)
+    assert abs(float(stats[1]) - ratio_mean) < 1e-5 * max(1.0, ratio_mean)
+    assert abs(float(stats[2]) - ratio_max) < 1e-5 * max(1.0, ratio_max)
+
+
+def assert_matches_reference(case: PolicyCase, backend: str, *, both_branches=True):
+    """fp32 `backend` against the float64 reference: loss, gradients, log-probs, entropy, statistics."""
+    out, (grad_hidden, grad_weight) = run_fused(case, backend)
+    (loss, lp, ent, clip_fraction, ratio_mean, ratio_max, magnitude), (ref_gh, ref_gw) = run_reference(case)
+    assert out.loss.dtype == torch.float32
+    assert_loss_close(out.loss, loss, magnitude)
+    for grad, ref in ((grad_hidden, ref_gh), (grad_weight, ref_gw)):
+        if ref.norm() > 0:
+            assert relative_error(grad, ref) < GRAD_RTOL
+        else:
+            assert grad.abs().max() == 0
+    action = case.labels != -100
+    assert torch.allclose(out.logprobs.double(), lp, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(out.entropy.double(), ent, rtol=1e-5, atol=1e-4)
+    assert (out.logprobs[~action] == 0).all() and (out.entropy[~action] == 0).all()
+    assert_stats_match((out.clip_fraction, out.ratio_mean, out.ratio_max), clip_fraction, ratio_mean, ratio_max)
+    if both_branches:
+        assert 0 < clip_fraction < 1, clip_fraction  # the clip is active on some tokens and not on others
+
+
+def assert_no_action_token_gives_zeros(backend: str):
+    """Every label ignored: loss, gradients and statistics are exactly 0."""
+    case = make_policy_case([3, 5], 8, 31, seed=fresh_seed(), loss_agg="sequence")
+    case.labels[:] = -100
+    out, (grad_hidden, grad_weight) = run_fused(case, backend)
+    assert float(out.loss.detach()) == 0 and grad_hidden.abs().max() == 0 and grad_weight.abs().max() == 0
+    assert float(out.clip_fraction) == float(out.ratio_mean) == float(out.ratio_max) == 0
+
+
+def assert_internal_op_chunks_and_no_grad(linear_policy_loss):
+    """A backend's internal op directly: 9 chunks of 7 tokens (statistics and the weight gradient gathered
+    across chunks), and the same call under torch.no_grad() (statistics and log-probs, no gradient)."""
+    case = make_policy_case([30, 1, 20, 12], 16, 203, seed=fresh_seed(), per_token=True, temperature=1.3)
+    (loss, lp, _, clip_fraction, ratio_mean, ratio_max, magnitude), (ref_gh, ref_gw) = run_reference(case)
+    scale = token_scales(case.labels, case.cu_seqlens, "token")
+    args = (case.labels, case.advantages, case.old_logprobs, scale, case.ref_logprobs, 0.05 * scale, 0.2, 0.2)
+    hidden = case.hidden.clone().requires_grad_()
+    weight = case.weight.clone().requires_grad_()
+    out_loss, _, _, stats = linear_policy_loss(hidden, weight, *args, temperature=1.3, chunk_size=7)
+    out_loss.backward()
+    assert_loss_close(out_loss, loss, magnitude)
+    assert relative_error(hidden.grad, ref_gh) < GRAD_RTOL and relative_error(weight.grad, ref_gw) < GRAD_RTOL
+    assert_stats_match((stats["clip_fraction"], stats["ratio_mean"], stats["ratio_max"]), clip_fraction,
+                       ratio_mean, ratio_max)
+    assert 0 < clip_fraction < 1
+    with torch.no_grad():
+        nograd_loss, nograd_lp, _, nograd_stats = linear_policy_loss(hidden, weight, *args, temperature=1.3)
+    assert not nograd_loss.requires_grad
+    assert torch.allclose(nograd_lp.double(), lp, rtol=1e-5, atol=1e-5)
+    assert abs(float(nograd_stats["clip_fraction"]) - clip_fraction) < 1e-6

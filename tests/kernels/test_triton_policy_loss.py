@@ -9,103 +9,33 @@ from loss_cases import relative_error, scalar_relative_error
 from oreal.ops.policy_loss import token_scales
 from oreal_kernels import linear_policy_loss
 from oreal_kernels.linear_logprob import ClippedSurrogate, surrogate_gradient_scale
-from policy_cases import PolicyCase, fresh_seed, make_policy_case, run_reference
+from policy_cases import CASES as COMMON_CASES
+from policy_cases import (PolicyCase, assert_internal_op_chunks_and_no_grad, assert_matches_reference,
+                          assert_no_action_token_gives_zeros, fresh_seed, make_policy_case, run_fused, run_reference)
 
-LOSS_RTOL = 1e-5  # relative to the loss's L1 magnitude: mixed-sign advantages can cancel the loss to ~0
-GRAD_RTOL = 1e-4
-
-
-def run_fused(case: PolicyCase, dtype=torch.float32, backend="triton"):
-    hidden, weight, *rest = case.args(dtype)
-    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
-    out = oreal.fused_policy_loss(hidden, weight, *rest, backend=backend, **case.options)
-    grads = torch.autograd.grad(out.loss, (hidden, weight), allow_unused=True)
-    return out, tuple(torch.zeros_like(x) if g is None else g for x, g in zip((hidden, weight), grads))
-
-
-def assert_matches_reference(case: PolicyCase, *, both_branches=True):
-    out, (grad_hidden, grad_weight) = run_fused(case)
-    (loss, lp, ent, clip_fraction, ratio_mean, ratio_max, magnitude), (ref_gh, ref_gw) = run_reference(case)
-    assert out.loss.dtype == torch.float32
-    bound = LOSS_RTOL * max(abs(loss.item()), magnitude)
-    assert abs(out.loss.item() - loss.item()) <= bound, (out.loss.item(), loss.item(), magnitude)
-    for grad, ref in ((grad_hidden, ref_gh), (grad_weight, ref_gw)):
-        if ref.norm() > 0:
-            assert relative_error(grad, ref) < GRAD_RTOL
-        else:
-            assert grad.abs().max() == 0
-    action = case.labels != -100
-    assert torch.allclose(out.logprobs.double(), lp, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(out.entropy.double(), ent, rtol=1e-5, atol=1e-4)
-    assert (out.logprobs[~action] == 0).all() and (out.entropy[~action] == 0).all()
-    for stat in (out.clip_fraction, out.ratio_mean, out.ratio_max):
-        assert stat.shape == () and stat.dtype == torch.float32 and not stat.requires_grad
-    assert abs(float(out.clip_fraction) - clip_fraction) < 1e-6
-    assert abs(float(out.ratio_mean) - ratio_mean) < 1e-5 * max(1.0, ratio_mean)
-    assert abs(float(out.ratio_max) - ratio_max) < 1e-5 * max(1.0, ratio_max)
-    if both_branches:
-        assert 0 < clip_fraction < 1, clip_fraction
-
-
-MIXED = [7, 1, 13, 0, 9]  # a length-1 sequence (one action token) and an empty one
-CASES = {
-    "token_kl_per_sequence_adv": dict(seq_lens=MIXED, hidden_size=24, vocab_size=101),
-    "token_no_kl_per_token_adv_asymmetric": dict(seq_lens=MIXED, hidden_size=24, vocab_size=101, per_token=True,
-                                                 with_ref=False, clip_low=0.2, clip_high=0.28),
-    "sequence_kl_per_token_adv_no_action_seq": dict(seq_lens=[6, 8, 4, 1], hidden_size=12, vocab_size=57,
-                                                    per_token=True, empty_seq=1, loss_agg="sequence"),
-    "sequence_no_kl_temperature_asymmetric": dict(seq_lens=MIXED, hidden_size=16, vocab_size=77, with_ref=False,
-                                                  loss_agg="sequence", temperature=0.7, clip_low=0.1,
-                                                  clip_high=0.3),
-    "global_num_tokens_temperature": dict(seq_lens=[10, 3, 12], hidden_size=12, vocab_size=57, num_tokens=100,
-                                          temperature=1.3, kl_coef=0.1),
-    "odd_vocab_two_token_blocks": dict(seq_lens=[40, 9, 30], hidden_size=33, vocab_size=1531, per_token=True,
-                                       clip_high=0.28),
-}
+CASES = {**COMMON_CASES,
+         "odd_vocab_two_token_blocks": dict(seq_lens=[40, 9, 30], hidden_size=33, vocab_size=1531, per_token=True,
+                                            clip_high=0.28)}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_matches_float64_reference(name):
-    assert_matches_reference(make_policy_case(seed=fresh_seed(), **CASES[name]))
+    assert_matches_reference(make_policy_case(seed=fresh_seed(), **CASES[name]), "triton")
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["per_sequence_adv", "per_token_adv"])
 def test_single_token(per_token):
     """T = 1 (one sequence of one action token): one branch only, by construction."""
     case = make_policy_case([1], 8, 17, seed=fresh_seed(), per_token=per_token)
-    assert_matches_reference(case, both_branches=False)
+    assert_matches_reference(case, "triton", both_branches=False)
 
 
 def test_no_action_token_at_all():
-    """Every label ignored: loss, gradients and statistics are exactly 0."""
-    case = make_policy_case([3, 5], 8, 31, seed=fresh_seed(), loss_agg="sequence")
-    case.labels[:] = -100
-    out, (grad_hidden, grad_weight) = run_fused(case)
-    assert float(out.loss.detach()) == 0 and grad_hidden.abs().max() == 0 and grad_weight.abs().max() == 0
-    assert float(out.clip_fraction) == float(out.ratio_mean) == float(out.ratio_max) == 0
+    assert_no_action_token_gives_zeros("triton")
 
 
 def test_many_chunks_and_no_grad():
-    """The internal op directly: 9 chunks of 7 tokens (statistics and the weight gradient gathered across
-    chunks), and the same call under torch.no_grad() (statistics and log-probs, no gradient work)."""
-    case = make_policy_case([30, 1, 20, 12], 16, 203, seed=fresh_seed(), per_token=True, temperature=1.3)
-    (loss, lp, _, clip_fraction, ratio_mean, ratio_max, magnitude), (ref_gh, ref_gw) = run_reference(case)
-    scale = token_scales(case.labels, case.cu_seqlens, "token")
-    args = (case.labels, case.advantages, case.old_logprobs, scale, case.ref_logprobs, 0.05 * scale, 0.2, 0.2)
-    hidden = case.hidden.clone().requires_grad_()
-    weight = case.weight.clone().requires_grad_()
-    out_loss, out_lp, _, stats = linear_policy_loss(hidden, weight, *args, temperature=1.3, chunk_size=7)
-    out_loss.backward()
-    assert abs(out_loss.item() - loss.item()) <= LOSS_RTOL * max(abs(loss.item()), magnitude)
-    assert relative_error(hidden.grad, ref_gh) < GRAD_RTOL and relative_error(weight.grad, ref_gw) < GRAD_RTOL
-    assert abs(float(stats["clip_fraction"]) - clip_fraction) < 1e-6 and 0 < clip_fraction < 1
-    assert abs(float(stats["ratio_mean"]) - ratio_mean) < 1e-5 * max(1.0, ratio_mean)
-    assert abs(float(stats["ratio_max"]) - ratio_max) < 1e-5 * max(1.0, ratio_max)
-    with torch.no_grad():
-        nograd_loss, nograd_lp, _, nograd_stats = linear_policy_loss(hidden, weight, *args, temperature=1.3)
-    assert not nograd_loss.requires_grad
-    assert torch.allclose(nograd_lp.double(), lp, rtol=1e-5, atol=1e-5)
-    assert abs(float(nograd_stats["clip_fraction"]) - clip_fraction) < 1e-6
+    assert_internal_op_chunks_and_no_grad(linear_policy_loss)
 
 
 def test_surrogate_gradient_scale_is_a_power_of_two_bounding_the_logit_gradient():
@@ -162,7 +92,7 @@ LOW_PRECISION_CASES = {
 @pytest.mark.parametrize("name", sorted(LOW_PRECISION_CASES))
 def test_low_precision_no_worse_than_plain_torch(dtype, name):
     case = make_policy_case(seed=fresh_seed(), round_to=dtype, **LOW_PRECISION_CASES[name])
-    out, (grad_hidden, grad_weight) = run_fused(case, dtype)
+    out, (grad_hidden, grad_weight) = run_fused(case, "triton", dtype)
     (loss, *_), (ref_gh, ref_gw) = run_reference(case, dtype)
     plain_loss, plain_gh, plain_gw = plain_torch_policy_loss(case, dtype)
     assert grad_hidden.dtype == dtype and grad_weight.dtype == dtype
@@ -199,7 +129,7 @@ def test_fp16_large_ratio_on_a_negative_advantage():
     token = (case.labels != -100).nonzero()[2, 0]
     case.advantages[token] = -1.5
     case.old_logprobs[token] -= 9.0
-    out, (grad_hidden, grad_weight) = run_fused(case, torch.float16)
+    out, (grad_hidden, grad_weight) = run_fused(case, "triton", torch.float16)
     (_, _, _, _, _, ratio_max, _), (ref_gh, ref_gw) = run_reference(case, torch.float16)
     _, plain_gh, plain_gw = plain_torch_policy_loss(case, torch.float16)
     assert ratio_max > 1000 and abs(float(out.ratio_max) - ratio_max) < 1e-5 * ratio_max
