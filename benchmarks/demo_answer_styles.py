@@ -11,34 +11,24 @@ where its gain comes from: the share of bare answers, and accuracy inside each s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
 MODELS = ("sft", "oreal", "grpo")
 
 
-def answer_styles(model_dir: Path, cfg, *, temperature: float, samples: int, seed: int = 0) -> dict:
-    """pass@1 overall and per style for one model, scored by the demo's judge and prompt rendering."""
-    from oreal.components import Judge, load_tokenizer, stop_token_ids
-    from oreal.data import PromptDataset, PromptRenderer
-    from oreal.rollout import SamplingParams
-    from oreal.rollout.hf import HFBackend
+def answer_styles(model_dir: Path, cfg, *, sampled: bool, samples: int = 4, seed: int = 0) -> dict:
+    """pass@1 overall and per answer style for one model, scored exactly as the demo scores it (greedy, or
+    `samples` answers per problem at the rollout temperature when `sampled`)."""
+    from oreal.heldout import at_rollout_temperature, evaluate_model
 
-    tokenizer = load_tokenizer(str(model_dir))
-    renderer = PromptRenderer(tokenizer, template=cfg.data.template, system_prompt=cfg.data.system_prompt or None,
-                              instruction=cfg.data.instruction)
-    prompts = PromptDataset.from_jsonl(cfg.eval.files, renderer=renderer)
-    prompts = prompts.batch(range(len(prompts)))
-    n = 1 if temperature == 0 else samples
-    sampling = SamplingParams(temperature=temperature, top_p=1.0, max_new_tokens=cfg.eval.max_new_tokens,
-                              stop_token_ids=stop_token_ids(cfg, tokenizer), seed=seed)
-    backend = HFBackend(model=str(model_dir), dtype="float32", device="cpu", seed=seed, num_threads=2)
-    rollouts = backend.generate([p.input_ids for p in prompts], n, sampling)
-    texts = [tokenizer.decode(r.token_ids, skip_special_tokens=False) for r in rollouts]
-    correct = Judge(cfg)(texts, [p.gold_answer for p in prompts for _ in range(n)],
-                         [p.example.question for p in prompts for _ in range(n)])
-    bare = [text.lstrip().startswith("\\boxed") for text in texts]
+    if sampled:
+        result = evaluate_model(model_dir, at_rollout_temperature(cfg, samples), seed=seed, num_threads=2,
+                                keep_responses=True)
+    else:
+        result = evaluate_model(model_dir, cfg, greedy=True, seed=seed, num_threads=2, keep_responses=True)
+    correct = result["correct"]
+    bare = [text.lstrip().startswith("\\boxed") for text in result["responses"]]
 
     def accuracy(selected):
         chosen = [c for c, s in zip(correct, selected) if s]
@@ -46,7 +36,7 @@ def answer_styles(model_dir: Path, cfg, *, temperature: float, samples: int, see
 
     return {"pass@1": sum(correct) / len(correct), "bare_share": sum(bare) / len(bare),
             "bare_accuracy": accuracy(bare), "worked_accuracy": accuracy([not b for b in bare]),
-            "responses": len(texts), "temperature": temperature}
+            "responses": len(correct), "temperature": cfg.rollout.temperature if sampled else 0.0}
 
 
 def fmt(share: float | None) -> str:
@@ -64,14 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     rl_config = json.loads((args.demo_dir / "oreal" / "config.json").read_text())
     cfg = parse_args(["--config", str(Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.py"),
                       "--eval.files", *rl_config["eval"]["files"]]).config
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_problems=0))
     rows = {}
     for name in MODELS:
         model_dir = args.demo_dir / name / "hf"
         if not (model_dir / "config.json").is_file():
             continue
-        for temperature in (0.0, cfg.rollout.temperature):
-            row = answer_styles(model_dir, cfg, temperature=temperature, samples=args.samples)
+        for sampled in (False, True):
+            row = answer_styles(model_dir, cfg, sampled=sampled, samples=args.samples)
+            temperature = row["temperature"]
             rows[f"{name}@T={temperature:g}"] = row
             print(f"{name:<6} T={temperature:<4g} pass@1 {fmt(row['pass@1'])}  bare answers {fmt(row['bare_share'])} "
                   f"(right {fmt(row['bare_accuracy'])})  worked right {fmt(row['worked_accuracy'])}")

@@ -128,9 +128,12 @@ def options(pairs: list[str]) -> list[str]:
     return out
 
 
+def eval_kind(cfg) -> str:
+    return "greedy" if cfg.eval.temperature == 0 else f"T={cfg.eval.temperature:g}"
+
+
 def describe_eval(cfg, result: dict) -> str:
-    kind = "greedy" if cfg.eval.temperature == 0 else f"T={cfg.eval.temperature:g}"
-    return f"{kind}, {result['problems']} problems x {result['samples']}"
+    return f"{eval_kind(cfg)}, {result['problems']} problems x {result['samples']}"
 
 
 def last_eval(run_dir: Path) -> dict:
@@ -157,14 +160,10 @@ SAMPLED_SAMPLES = 4  # samples per problem for the second score, drawn at the ro
 def score_model(model_dir: Path, cfg, seed: int) -> dict:
     """Held-out pass@1 as the RL config's `eval` section scores it (the demo's headline: greedy), and the
     same problems sampled at the rollout temperature (`sampled_pass@1`, the policy RL actually trained)."""
-    import dataclasses
-
-    from oreal.heldout import evaluate_model
+    from oreal.heldout import at_rollout_temperature, evaluate_model
 
     headline = evaluate_model(model_dir, cfg, seed=seed, num_threads=NPROC)
-    sampled_eval = dataclasses.replace(cfg.eval, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                                       samples=SAMPLED_SAMPLES)
-    sampled = evaluate_model(model_dir, dataclasses.replace(cfg, eval=sampled_eval), seed=seed, num_threads=NPROC)
+    sampled = evaluate_model(model_dir, at_rollout_temperature(cfg, SAMPLED_SAMPLES), seed=seed, num_threads=NPROC)
     return {**headline, "sampled_pass@1": sampled["pass@1"], "sampled_response_length": sampled["response_length"]}
 
 
@@ -257,7 +256,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, *, config_path: str | Path =
     sft_pass1 = sft_eval["pass@1"]
     plot_path = plot_runs(runs, out / "curves.png", start_pass1=sft_pass1,
                           title=f"OREAL demo on synthetic arithmetic (seed {seed}; held-out pass@1 "
-                                f"{describe_eval(rl_cfg, sft_eval).split(',')[0]}, SFT {sft_pass1:.2f})")
+                                f"{eval_kind(rl_cfg)}, SFT {sft_pass1:.2f})")
     seconds = time.perf_counter() - start
     results = {
         "sft_pass1": sft_pass1,

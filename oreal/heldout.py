@@ -10,11 +10,13 @@ judged by the trainer's `Judge` (`cfg.judge`). The model runs in this process (n
 no process group), which is what a stage boundary of the demo wants: SFT done, score it, move on.
 
 pass@1 is the mean over problems of (correct samples / samples); with temperature 0 (`greedy=True`)
-one sample per problem is drawn.
+one sample per problem is drawn. `at_rollout_temperature(cfg, samples)` is the same config scoring
+the policy as RL samples it (the rollout temperature and top-p) instead of as `cfg.eval` says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Sequence
@@ -22,14 +24,21 @@ from typing import Sequence
 from oreal.config import Config
 
 
+def at_rollout_temperature(cfg: Config, samples: int) -> Config:
+    """`cfg` with its evaluation sampling `samples` answers per problem at the rollout temperature and top-p."""
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, temperature=cfg.rollout.temperature,
+                                                             top_p=cfg.rollout.top_p, samples=samples))
+
+
 def evaluate_model(model_dir: str | Path, cfg: Config, *, files: Sequence[str] | None = None,
                    samples: int | None = None, greedy: bool = False, seed: int = 0,
-                   num_threads: int | None = None, max_batch_rows: int = 256) -> dict:
+                   num_threads: int | None = None, max_batch_rows: int = 256, keep_responses: bool = False) -> dict:
     """pass@1 and mean response length of the model in `model_dir` on `files` (default: `cfg.eval.files`).
 
     Returns `{"pass@1", "response_length", "problems", "samples", "seconds", "per_file": {stem: pass@1}}`;
-    `pass@1` averages over every problem of every file. Raises ValueError naming a missing file or
-    model directory.
+    `pass@1` averages over every problem of every file. With `keep_responses`, also `"responses"`: the
+    decoded texts and `"correct"`: their verdicts, in order (problem by problem, its samples together).
+    Raises ValueError naming a missing file or model directory.
     """
     from oreal.components import Judge, load_tokenizer, stop_token_ids
     from oreal.data import PromptDataset, PromptRenderer
@@ -58,6 +67,7 @@ def evaluate_model(model_dir: str | Path, cfg: Config, *, files: Sequence[str] |
     judge = Judge(cfg)
     budget = cfg.rollout.max_total_tokens - cfg.eval.max_new_tokens
     per_file, total_pass, total_len, total_problems = {}, 0.0, 0.0, 0
+    all_texts, all_verdicts = [], []
     for file in files:
         dataset = PromptDataset.from_jsonl([file], renderer=renderer)
         count = len(dataset) if not cfg.eval.max_problems else min(len(dataset), cfg.eval.max_problems)
@@ -69,10 +79,15 @@ def evaluate_model(model_dir: str | Path, cfg: Config, *, files: Sequence[str] |
         golds = [p.gold_answer for p in prompts for _ in range(n)]
         questions = [p.example.question for p in prompts for _ in range(n)]
         verdicts = judge(texts, golds, questions)
+        all_texts += texts
+        all_verdicts += list(verdicts)
         file_pass = sum(verdicts) / n
         per_file[Path(file).stem] = file_pass / len(prompts)
         total_pass += file_pass
         total_len += sum(len(r.token_ids) for r in rollouts) / n
         total_problems += len(prompts)
-    return {"pass@1": total_pass / total_problems, "response_length": total_len / total_problems,
-            "problems": total_problems, "samples": n, "seconds": time.perf_counter() - start, "per_file": per_file}
+    result = {"pass@1": total_pass / total_problems, "response_length": total_len / total_problems,
+              "problems": total_problems, "samples": n, "seconds": time.perf_counter() - start, "per_file": per_file}
+    if keep_responses:
+        result.update(responses=all_texts, correct=all_verdicts)
+    return result

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from oreal.ops.torch_backend import is_eager
+from oreal.ops.torch_backend import is_eager, scale_saved_gradient
 
 try:
     from oreal import _C
@@ -101,11 +101,9 @@ if _C is not None:
         in_place = is_eager(grad_loss, grad_hidden, grad_weight)
         out_hidden = out_weight = None
         if want_hidden and grad_hidden.dim() == 2:  # [0] when the op was told not to compute it
-            scale = grad_loss.to(grad_hidden.dtype)
-            out_hidden = grad_hidden.mul_(scale) if in_place else grad_hidden * scale
+            out_hidden = scale_saved_gradient(grad_hidden, grad_loss, in_place, grad_hidden.dtype)
         if want_weight and grad_weight.dim() == 2:
-            out_weight = grad_weight.mul_(grad_loss) if in_place else grad_weight * grad_loss
-            out_weight = out_weight.to(ctx.weight_dtype)
+            out_weight = scale_saved_gradient(grad_weight, grad_loss, in_place, ctx.weight_dtype)
         return (out_hidden, out_weight) + (None,) * (num_inputs - 2)
 
     for _op in ("linear_logprob_loss_fwd", "linear_policy_loss_fwd"):

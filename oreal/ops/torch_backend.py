@@ -56,6 +56,12 @@ def is_eager(*tensors) -> bool:
         return False
 
 
+def scale_saved_gradient(grad: torch.Tensor, grad_loss: torch.Tensor, in_place: bool, dtype: torch.dtype):
+    """A gradient formed in forward, times the loss's incoming gradient, as `dtype`; in place when allowed."""
+    factor = grad_loss.to(grad.dtype)
+    return (grad.mul_(factor) if in_place else grad * factor).to(dtype)
+
+
 def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
     return max(1, min(num_tokens, CHUNK_ELEMENTS // vocab_size))
 
@@ -201,10 +207,9 @@ class _LinearLogprobLoss(torch.autograd.Function):
         # float64 is the gradcheck path, which differentiates one graph many times: keep it functional
         in_place = ctx.acc_dtype != torch.float64 and is_eager(grad_loss, grad_hidden, grad_weight)
         if grad_hidden is not None:
-            scale = grad_loss.to(grad_hidden.dtype)
-            grad_hidden = grad_hidden.mul_(scale) if in_place else grad_hidden * scale
+            grad_hidden = scale_saved_gradient(grad_hidden, grad_loss, in_place, grad_hidden.dtype)
         if grad_weight is not None:
-            grad_weight = (grad_weight.mul_(grad_loss) if in_place else grad_weight * grad_loss).to(ctx.weight_dtype)
+            grad_weight = scale_saved_gradient(grad_weight, grad_loss, in_place, ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 

@@ -137,7 +137,7 @@ def test_demo_smoke_run(tmp_path):
     from benchmarks.demo_answer_styles import answer_styles
 
     rl_cfg = parse_args(["--config", str(config), "--eval.files", str(out / "data" / "heldout.jsonl")]).config
-    styles = answer_styles(out / "sft" / "hf", rl_cfg, temperature=0.0, samples=1)
+    styles = answer_styles(out / "sft" / "hf", rl_cfg, sampled=False)
     assert styles["pass@1"] == saved["sft_pass1"] and styles["responses"] == 8
     assert 0.0 <= styles["bare_share"] <= 1.0
     assert (out / "curves.png").stat().st_size > 10_000
