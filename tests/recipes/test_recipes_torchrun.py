@@ -16,12 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,52 +23,15 @@ import torch
 
 from oreal.recipes.clipped import CLIPPED_METRICS
 from oreal.recipes.ppo import PPO_METRICS
+from torchrun_launch import REPO, Launch, read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
 GRPO = REPO / "configs" / "tiny_cpu_grpo.py"
 PPO = REPO / "configs" / "tiny_cpu_ppo.py"
 LAUNCH_TIMEOUT_S = 300
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Launch:
-    """One torchrun job in its own process group, killed as a whole if it overruns its deadline."""
-
-    def __init__(self, config: Path, output_dir: Path, *args: str):
-        self.output_dir = output_dir
-        self.log_path = output_dir.with_suffix(".log")
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_port", str(_free_port()), "-m", "oreal.train", "--config", str(config),
-                   "--output-dir", str(output_dir), "--log.progress_bar", "false", "--log.tensorboard", "false",
-                   *args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        self.deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-
-    def wait(self) -> int:
-        try:
-            return self.process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            pytest.fail(f"torchrun overran {LAUNCH_TIMEOUT_S}s; log:\n{self.output()[-4000:]}")
-        finally:
-            self.log.close()
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def _records(output_dir: Path) -> list[dict]:
-    with open(output_dir / "metrics.jsonl") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def launch(config: Path, output_dir: Path, *args: str) -> Launch:
+    return Launch(config, output_dir, "--log.tensorboard", "false", *args, timeout_s=LAUNCH_TIMEOUT_S)
 
 
 def _number(value) -> float:
@@ -91,15 +48,15 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("recipes")
     quiet = ("--eval.interval", "0", "--checkpoint.export_hf", "false")
     launches = {
-        "grpo": Launch(GRPO, root / "grpo", "--steps", "3"),
-        "early_stop": Launch(GRPO, root / "early_stop", "--steps", "2", "--ppo.early_stop_statistic", "max",
+        "grpo": launch(GRPO, root / "grpo", "--steps", "3"),
+        "early_stop": launch(GRPO, root / "early_stop", "--steps", "2", "--ppo.early_stop_statistic", "max",
                              "--ppo.early_stop_ratio", "1.0001", *quiet),
-        "ppo": Launch(PPO, root / "ppo", "--steps", "3", *quiet),
-        "killed": Launch(PPO, root / "resumable", "--steps", "3", "--debug.kill_after_step", "2", *quiet),
+        "ppo": launch(PPO, root / "ppo", "--steps", "3", *quiet),
+        "killed": launch(PPO, root / "resumable", "--steps", "3", "--debug.kill_after_step", "2", *quiet),
     }
     codes = {name: launch.wait() for name, launch in launches.items()}
-    killed_steps = [r["step"] for r in _records(root / "resumable")]
-    launches["resumed"] = Launch(PPO, root / "resumable", "--steps", "3", *quiet, "--resume")
+    killed_steps = [r["step"] for r in read_metrics(root / "resumable")]
+    launches["resumed"] = launch(PPO, root / "resumable", "--steps", "3", *quiet, "--resume")
     codes["resumed"] = launches["resumed"].wait()
     return {"root": root, "codes": codes, "logs": {name: launch.output() for name, launch in launches.items()},
             "killed_steps": killed_steps}
@@ -120,7 +77,7 @@ def _check_common(records: list[dict], required: tuple[str, ...]) -> None:
 def test_grpo_three_steps(runs):
     assert runs["codes"]["grpo"] == 0, runs["logs"]["grpo"][-6000:]
     out = runs["root"] / "grpo"
-    records = _records(out)
+    records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3]
     _check_common(records, CLIPPED_METRICS)
     for r in records:
@@ -149,7 +106,7 @@ def test_grpo_three_steps(runs):
 
 def test_early_stop_skips_and_counts(runs):
     assert runs["codes"]["early_stop"] == 0, runs["logs"]["early_stop"][-6000:]
-    records = _records(runs["root"] / "early_stop")
+    records = read_metrics(runs["root"] / "early_stop")
     assert [r["step"] for r in records] == [1, 2]
     _check_common(records, CLIPPED_METRICS)
     total = 0
@@ -168,7 +125,7 @@ def test_early_stop_skips_and_counts(runs):
 
 def test_ppo_three_steps(runs):
     assert runs["codes"]["ppo"] == 0, runs["logs"]["ppo"][-6000:]
-    records = _records(runs["root"] / "ppo")
+    records = read_metrics(runs["root"] / "ppo")
     assert [r["step"] for r in records] == [1, 2, 3]
     _check_common(records, PPO_METRICS)
     first = records[0]
@@ -214,7 +171,7 @@ def test_ppo_resume_is_exact_with_the_critic(runs, tmp_path):
     assert runs["killed_steps"] == [1, 2]
     assert codes["resumed"] == 0, runs["logs"]["resumed"][-6000:]
     assert "resumed from" in runs["logs"]["resumed"]
-    straight, resumed = _records(runs["root"] / "ppo"), _records(runs["root"] / "resumable")
+    straight, resumed = read_metrics(runs["root"] / "ppo"), read_metrics(runs["root"] / "resumable")
     assert [r["step"] for r in straight] == [1, 2, 3] == [r["step"] for r in resumed]
     compared = ("loss/policy", "policy/clip_fraction", "policy/ratio_max", "critic/value_loss",
                 "critic/explained_variance", "critic/value_mean", "reward/mean", "grad_norm/policy",

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import torch
 
 
@@ -42,9 +40,3 @@ def greedy_reference(model, prompts, max_new_tokens: int):
         tokens.append(out_t)
         logps.append(out_lp)
     return tokens, logps
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

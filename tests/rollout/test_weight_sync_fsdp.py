@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rollout_testlib import free_port
+from torchrun_launch import free_port
 
 WORKER = Path(__file__).resolve().parent / "fsdp_sync_worker.py"
 

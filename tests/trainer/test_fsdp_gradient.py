@@ -6,25 +6,19 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
+from torchrun_launch import free_port
 
 SCRIPT = Path(__file__).with_name("fsdp_gradient_check.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_distributed_gradient_is_the_global_gradient(tmp_path):
     out = tmp_path / "result.json"
     seed = random.randrange(1 << 30)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(SCRIPT), str(out), str(seed)]
+               str(free_port()), str(SCRIPT), str(out), str(seed)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=240,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import http.server
-import socket
 import threading
 from pathlib import Path
 
 import pytest
 
 from oreal.train import main
+from torchrun_launch import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny_cpu.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
 def one_rank(monkeypatch):
     """The environment torchrun gives a single process, restored afterwards."""
     for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(_free_port())}.items():
+                        "MASTER_PORT": str(free_port())}.items():
         monkeypatch.setenv(name, value)
 
 
@@ -77,7 +71,7 @@ class _Broken(http.server.BaseHTTPRequestHandler):
 @pytest.mark.parametrize("server", ["closed_port", "http_500"])
 def test_unreachable_verifier(one_rank, capsys, tmp_path, server):
     if server == "closed_port":
-        host, httpd = f"127.0.0.1:{_free_port()}", None
+        host, httpd = f"127.0.0.1:{free_port()}", None
     else:
         httpd = http.server.HTTPServer(("127.0.0.1", 0), _Broken)
         threading.Thread(target=httpd.serve_forever, daemon=True).start()

@@ -13,74 +13,32 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from oreal.trainer import REQUIRED_METRICS
+from torchrun_launch import REPO, Launch, read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_cpu.py"
 LAUNCH_TIMEOUT_S = 240
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Launch:
-    """One torchrun job in its own process group, killed as a whole if it overruns its deadline."""
-
-    def __init__(self, output_dir: Path, *args: str):
-        self.output_dir = output_dir
-        self.log_path = output_dir.with_suffix(".log")
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_port", str(_free_port()), "-m", "oreal.train", "--config", str(TINY),
-                   "--output-dir", str(output_dir), "--log.progress_bar", "false", *args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        self.log = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        self.deadline = time.monotonic() + LAUNCH_TIMEOUT_S
-
-    def wait(self) -> int:
-        try:
-            return self.process.wait(timeout=max(1.0, self.deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-            pytest.fail(f"torchrun overran {LAUNCH_TIMEOUT_S}s; log:\n{self.output()[-4000:]}")
-        finally:
-            self.log.close()
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def _records(output_dir: Path) -> list[dict]:
-    with open(output_dir / "metrics.jsonl") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+def launch(output_dir: Path, *args: str) -> Launch:
+    return Launch(TINY, output_dir, *args, timeout_s=LAUNCH_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("torchrun")
-    e2e = Launch(root / "e2e", "--steps", "3", "--debug.nonfinite_at_step", "3")
-    straight = Launch(root / "straight", "--steps", "4")
-    killed = Launch(root / "resumable", "--steps", "4", "--debug.kill_after_step", "2")
+    e2e = launch(root / "e2e", "--steps", "3", "--debug.nonfinite_at_step", "3")
+    straight = launch(root / "straight", "--steps", "4")
+    killed = launch(root / "resumable", "--steps", "4", "--debug.kill_after_step", "2")
     codes = {"e2e": e2e.wait(), "straight": straight.wait(), "killed": killed.wait()}
     killed_checkpoints = sorted(p.name for p in (root / "resumable" / "checkpoints").glob("step-*"))
-    killed_steps = [r["step"] for r in _records(root / "resumable")]
-    resumed = Launch(root / "resumable", "--steps", "4", "--resume")
+    killed_steps = [r["step"] for r in read_metrics(root / "resumable")]
+    resumed = launch(root / "resumable", "--steps", "4", "--resume")
     codes["resumed"] = resumed.wait()
     return {"root": root, "codes": codes, "logs": {"e2e": e2e.output(), "straight": straight.output(),
                                                     "killed": killed.output(), "resumed": resumed.output()},
@@ -94,7 +52,7 @@ def _number(value) -> float:
 def test_three_steps_end_to_end(runs):
     assert runs["codes"]["e2e"] == 0, runs["logs"]["e2e"][-6000:]
     out = runs["root"] / "e2e"
-    records = _records(out)
+    records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
         missing = [key for key in REQUIRED_METRICS if key not in record]
@@ -181,8 +139,8 @@ def test_resume_is_exact(runs, tmp_path):
     assert codes["resumed"] == 0, runs["logs"]["resumed"][-6000:]
     assert "resumed from" in runs["logs"]["resumed"]
 
-    straight = _records(runs["root"] / "straight")
-    resumed = _records(runs["root"] / "resumable")
+    straight = read_metrics(runs["root"] / "straight")
+    resumed = read_metrics(runs["root"] / "resumable")
     assert [r["step"] for r in straight] == [1, 2, 3, 4] == [r["step"] for r in resumed]
     compared = ("loss/total", "loss/positive", "loss/negative", "loss/kl", "token_rm/loss", "token_rm/accuracy",
                 "reward/mean", "filter/kept_samples", "response/length_mean", "policy/entropy", "policy/kl",
