@@ -80,19 +80,9 @@ class Trainer(BaseTrainer):
         frozen = step <= cfg.train.freeze_policy_steps
         lrs = self.learning_rates(frozen)
 
-        # 1. Sample prompts: this rank's share of the step's global batch.
-        prompts, overlong = self.sample_prompts(cfg.rollout.max_new_tokens)
-
-        # 2. Rollouts: K samples per prompt from the engine, which holds the current policy.
-        with timer.phase("rollout"):
-            samples = parts.generator.generate([p.input_ids for p in prompts], cfg.data.samples_per_prompt,
-                                               self.sampling(step))
-
-        # 3. Judge each response against its prompt's gold answer: reward +1 or -1.
-        with timer.phase("judge"):
-            correct = self.judge(prompts, samples)
-        rewards = torch.tensor([1.0 if c else -1.0 for c in correct])
-        group_ids = self.group_ids(samples)
+        # 1-3. This rank's prompts, K rollouts of each from the engine (the current policy), their verdicts.
+        prompts, overlong, samples, correct, group_ids = self.collect(step, timer)
+        rewards = torch.tensor([1.0 if c else -1.0 for c in correct])  # the outcome reward: +1 or -1
 
         # 4. RLOO advantages over the K samples of each prompt, before filtering.
         advantages = rloo_advantages(rewards, group_ids)

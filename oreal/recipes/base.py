@@ -115,6 +115,21 @@ class BaseTrainer:
         usable = [p for p in prompts if len(p.input_ids) <= budget]
         return usable, len(prompts) - len(usable)
 
+    def collect(self, step: int, timer: PhaseTimer) -> tuple[list, int, list[list], list[bool], torch.Tensor]:
+        """The first three stages of every recipe's step: this rank's prompts (the overlong ones dropped and
+        counted), K rollouts per prompt from the engine (which holds the current policy), one verdict per
+        sample against its prompt's gold answer, and each sample's group id.
+
+        Returns (prompts, overlong, samples, correct, group_ids); rollout and judge time go to `timer`.
+        """
+        prompts, overlong = self.sample_prompts(self.cfg.rollout.max_new_tokens)
+        with timer.phase("rollout"):
+            samples = self.parts.generator.generate([p.input_ids for p in prompts], self.cfg.data.samples_per_prompt,
+                                                    self.sampling(step))
+        with timer.phase("judge"):
+            correct = self.judge(prompts, samples)
+        return prompts, overlong, samples, correct, self.group_ids(samples)
+
     def sampling(self, step: int, *, eval_mode: bool = False):
         from oreal.rollout import SamplingParams
 

@@ -51,19 +51,9 @@ class PPOTrainer(ClippedUpdateTrainer):
         frozen = step <= cfg.train.freeze_policy_steps
         lrs = {**self.learning_rates(frozen), "lr/critic": parts.critic_optim.param_groups[0]["lr"]}
 
-        # 1. Sample prompts: this rank's share of the step's global batch.
-        prompts, overlong = self.sample_prompts(cfg.rollout.max_new_tokens)
-
-        # 2. Rollouts: K samples per prompt from the engine, which holds the current policy.
-        with timer.phase("rollout"):
-            samples = parts.generator.generate([p.input_ids for p in prompts], cfg.data.samples_per_prompt,
-                                               self.sampling(step))
-
-        # 3. Judge each response against its prompt's gold answer: the final answer's reward, nothing else.
-        with timer.phase("judge"):
-            correct = self.judge(prompts, samples)
-        rewards = self.rewards(correct)
-        group_ids = self.group_ids(samples)
+        # 1-3. This rank's prompts, K rollouts of each from the engine (the current policy), their verdicts.
+        prompts, overlong, samples, correct, group_ids = self.collect(step, timer)
+        rewards = self.rewards(correct)  # the final answer's reward, nothing else
         local_samples = self.training_samples(prompts, samples, torch.zeros_like(rewards), correct)
 
         policy, critic = PolicyPassStats(), CriticPassStats()
