@@ -1,4 +1,5 @@
-"""Launching `torchrun --nproc_per_node 2 -m oreal.train` from tests, shared by the end-to-end test files."""
+"""Launching `torchrun --nproc_per_node 2 -m oreal.train` from tests and reading what the runs wrote, shared by
+the end-to-end test files."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,3 +62,23 @@ def read_metrics(output_dir: Path) -> list[dict]:
     """The run's `metrics.jsonl`, one dict per step."""
     with open(output_dir / "metrics.jsonl") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def dcp_tensors(checkpoint: Path, tmp: Path) -> dict:
+    """Every tensor of a distributed checkpoint by its flattened key, less the per-rank RNG states."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = tmp / f"{checkpoint.parent.parent.name}.pt"
+    dcp_to_torch_save(str(checkpoint), str(target))
+    state = torch.load(target, weights_only=False)
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value
+
+    walk("", state)
+    return {k: v for k, v in flat.items() if not k.startswith("rank")}  # per-rank RNG states differ by design

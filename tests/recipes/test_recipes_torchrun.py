@@ -23,7 +23,7 @@ import torch
 
 from oreal.recipes.clipped import CLIPPED_METRICS
 from oreal.recipes.ppo import PPO_METRICS
-from torchrun_launch import REPO, Launch, read_metrics
+from torchrun_launch import REPO, Launch, dcp_tensors, read_metrics
 
 GRPO = REPO / "configs" / "tiny_cpu_grpo.py"
 PPO = REPO / "configs" / "tiny_cpu_ppo.py"
@@ -146,25 +146,6 @@ def test_ppo_three_steps(runs):
         assert r["critic/value_mean"] != 0  # the critic has learnt something since step 1
 
 
-def _dcp_tensors(checkpoint: Path, tmp: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    target = tmp / f"{checkpoint.parent.parent.name}.pt"
-    dcp_to_torch_save(str(checkpoint), str(target))
-    state = torch.load(target, weights_only=False)
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        elif isinstance(value, torch.Tensor):
-            flat[prefix] = value
-
-    walk("", state)
-    return {k: v for k, v in flat.items() if not k.startswith("rank")}  # per-rank RNG states differ by design
-
-
 def test_ppo_resume_is_exact_with_the_critic(runs, tmp_path):
     codes = runs["codes"]
     assert codes["killed"] != 0, "the run meant to be killed after step 2 finished normally"
@@ -179,8 +160,8 @@ def test_ppo_resume_is_exact_with_the_critic(runs, tmp_path):
     for a, b in zip(straight, resumed):
         for key in compared:
             assert str(a[key]) == str(b[key]), f"step {a['step']} {key}: straight {a[key]} != resumed {b[key]}"
-    a = _dcp_tensors(runs["root"] / "ppo" / "checkpoints" / "step-000003", tmp_path)
-    b = _dcp_tensors(runs["root"] / "resumable" / "checkpoints" / "step-000003", tmp_path)
+    a = dcp_tensors(runs["root"] / "ppo" / "checkpoints" / "step-000003", tmp_path)
+    b = dcp_tensors(runs["root"] / "resumable" / "checkpoints" / "step-000003", tmp_path)
     assert a.keys() == b.keys()
     assert any(k.startswith("model.critic.model") for k in a) and any(k.startswith("model.critic.optim") for k in a)
     for name in a:

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from oreal.trainer import REQUIRED_METRICS
-from torchrun_launch import REPO, Launch, read_metrics
+from torchrun_launch import REPO, Launch, dcp_tensors, read_metrics
 
 TINY = REPO / "configs" / "tiny_cpu.py"
 LAUNCH_TIMEOUT_S = 240
@@ -111,25 +111,6 @@ def test_three_steps_end_to_end(runs):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-def _dcp_tensors(checkpoint: Path, tmp: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    target = tmp / f"{checkpoint.parent.parent.name}.pt"
-    dcp_to_torch_save(str(checkpoint), str(target))
-    state = torch.load(target, weights_only=False)
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for key, item in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), item)
-        elif isinstance(value, torch.Tensor):
-            flat[prefix] = value
-
-    walk("", state)
-    return {k: v for k, v in flat.items() if not k.startswith("rank")}  # per-rank RNG states differ by design
-
-
 def test_resume_is_exact(runs, tmp_path):
     codes = runs["codes"]
     assert codes["straight"] == 0, runs["logs"]["straight"][-6000:]
@@ -158,8 +139,8 @@ def test_resume_is_exact(runs, tmp_path):
     for name in final_a:
         assert torch.equal(final_a[name], final_b[name]), f"final policy weight {name} differs"
     # The whole final checkpoint: policy, token RM, both optimizers' states.
-    a = _dcp_tensors(runs["root"] / "straight" / "checkpoints" / "step-000004", tmp_path)
-    b = _dcp_tensors(runs["root"] / "resumable" / "checkpoints" / "step-000004", tmp_path)
+    a = dcp_tensors(runs["root"] / "straight" / "checkpoints" / "step-000004", tmp_path)
+    b = dcp_tensors(runs["root"] / "resumable" / "checkpoints" / "step-000004", tmp_path)
     assert a.keys() == b.keys() and any("token_rm" in k for k in a) and any("optim" in k for k in a)
     for name in a:
         assert torch.equal(a[name], b[name]), f"final checkpoint tensor {name} differs"
