@@ -20,7 +20,7 @@ MODELS = ("sft", "oreal", "grpo")
 def answer_styles(model_dir: Path, cfg, *, sampled: bool, samples: int = 4, seed: int = 0) -> dict:
     """pass@1 overall and per answer style for one model, scored exactly as the demo scores it (greedy, or
     `samples` answers per problem at the rollout temperature when `sampled`)."""
-    from oreal.heldout import at_rollout_temperature, evaluate_model
+    from oreal.runtime.heldout import at_rollout_temperature, evaluate_model
 
     if sampled:
         result = evaluate_model(model_dir, at_rollout_temperature(cfg, samples), seed=seed, num_threads=2,
@@ -44,7 +44,7 @@ def fmt(share: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from oreal.config import parse_args
+    from oreal.runtime.config import parse_args
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("demo_dir", type=Path, help="an oreal-demo --output-dir")

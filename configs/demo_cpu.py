@@ -2,9 +2,9 @@
 
 One file holds every setting of the demo:
 
-- `task()`: the synthetic data (`oreal.data.synthetic`): sizes and difficulty of the SFT problems,
+- `task()`: the synthetic data (`oreal.demo.task`): sizes and difficulty of the SFT problems,
   the RL prompts and the held-out set;
-- `sft_config()`: the tokenizer, the tiny Qwen2 and its supervised fine-tuning (`python -m oreal.sft`);
+- `sft_config()`: the tokenizer, the tiny Qwen2 and its supervised fine-tuning (`python -m oreal.algorithms.sft`);
 - `config()`: the OREAL RL run (`python -m oreal.train`), whose `data`, `eval` and `judge` sections
   also decide how the demo scores held-out pass@1;
 - `grpo_options()`: the command-line options that turn `config()` into the GRPO recipe at the same
@@ -13,7 +13,7 @@ One file holds every setting of the demo:
 `oreal-demo` fills in the paths (data files, the SFT model, output directories) and the seed. To
 rerun one stage by hand after a demo has run in outputs/demo:
 
-    torchrun --nproc_per_node 2 -m oreal.sft --config configs/demo_cpu.py
+    torchrun --nproc_per_node 2 -m oreal.algorithms.sft --config configs/demo_cpu.py
     torchrun --nproc_per_node 2 -m oreal.train --config configs/demo_cpu.py
 
 Why these numbers: sequences are short (prompts ~40 tokens, solutions ~10-30), so a 0.7M-parameter
@@ -32,10 +32,10 @@ Held-out pass@1 is greedy (one deterministic answer per problem, no sampling noi
 comparison); the demo also reports it sampled at the rollout temperature (1.0, 4 samples).
 """
 
-from oreal.config import (CheckpointConfig, Config, DataConfig, EvalConfig, JudgeConfig, LogConfig, LossConfig,
+from oreal.runtime.config import (CheckpointConfig, Config, DataConfig, EvalConfig, JudgeConfig, LogConfig, LossConfig,
                           ModelConfig, OptimConfig, RolloutConfig, TrainConfig)
-from oreal.data.synthetic import Difficulty, SyntheticTask
-from oreal.sft import SFTConfig, SFTDataConfig, SFTModelConfig, SFTTrainConfig
+from oreal.demo.task import Difficulty, SyntheticTask
+from oreal.algorithms.sft import SFTConfig, SFTDataConfig, SFTModelConfig, SFTTrainConfig
 
 OUTPUT = "outputs/demo"
 STOP_WORD = "<|im_end|>"  # the ChatML end of turn: the tokenizer's eos, where generation stops

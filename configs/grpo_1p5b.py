@@ -34,7 +34,7 @@ Point `--model.path` at a local copy of deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5
 `--data.train_files` at a local copy of AReaL-boba-106k (nothing is downloaded at run time).
 """
 
-from oreal.config import (CheckpointConfig, Config, DataConfig, EvalConfig, JudgeConfig, LossConfig, ModelConfig,
+from oreal.runtime.config import (CheckpointConfig, Config, DataConfig, EvalConfig, JudgeConfig, LossConfig, ModelConfig,
                           OptimConfig, PPOConfig, RolloutConfig, TrainConfig)
 
 SEQ_LENGTH = 28672  # runner.seq_length: prompt + response

@@ -20,7 +20,7 @@ step, trained in 4 minibatches of 4,096.
 
 from pathlib import Path
 
-from oreal.config import Config, load_config_file
+from oreal.runtime.config import Config, load_config_file
 
 
 def config() -> Config:

@@ -12,7 +12,7 @@ trainer ranks per node, on as many nodes as the 32B policy, its reference and it
 import dataclasses
 from pathlib import Path
 
-from oreal.config import Config, load_config_file
+from oreal.runtime.config import Config, load_config_file
 
 
 def config() -> Config:

@@ -15,7 +15,7 @@ Point `--model.path` at a local copy of internlm/OREAL-7B-SFT and `--data.train_
 copy of internlm/OREAL-RL-Prompts (nothing is downloaded at run time).
 """
 
-from oreal.config import (CheckpointConfig, Config, DataConfig, EvalConfig, JudgeConfig, LossConfig, ModelConfig,
+from oreal.runtime.config import (CheckpointConfig, Config, DataConfig, EvalConfig, JudgeConfig, LossConfig, ModelConfig,
                           OptimConfig, RolloutConfig, TrainConfig)
 
 # OREAL's system prompt (its chat template's default system message), verbatim.

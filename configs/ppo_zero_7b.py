@@ -36,7 +36,7 @@ level 3-5 problems (e.g. SimpleRL-Zoo-Data's `simplelr_qwen_level3to5`, converte
 `problem` and `answer`); nothing is downloaded at run time.
 """
 
-from oreal.config import (CheckpointConfig, Config, CriticConfig, DataConfig, EvalConfig, JudgeConfig, LossConfig,
+from oreal.runtime.config import (CheckpointConfig, Config, CriticConfig, DataConfig, EvalConfig, JudgeConfig, LossConfig,
                           ModelConfig, OptimConfig, PPOConfig, RolloutConfig, TrainConfig)
 
 STOP_WORD = "<|im_end|>"

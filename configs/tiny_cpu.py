@@ -13,7 +13,7 @@ optimizer, weight sync, checkpoint, evaluation.
 
 from pathlib import Path
 
-from oreal.config import (CheckpointConfig, Config, DataConfig, EvalConfig, JudgeConfig, LogConfig, LossConfig,
+from oreal.runtime.config import (CheckpointConfig, Config, DataConfig, EvalConfig, JudgeConfig, LogConfig, LossConfig,
                           ModelConfig, OptimConfig, RolloutConfig, TinyModelConfig, TrainConfig)
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -10,7 +10,7 @@ small KL to the initial policy (RLinf's recipe has none) exercises the reference
 
 from pathlib import Path
 
-from oreal.config import PPOConfig, load_config_file
+from oreal.runtime.config import PPOConfig, load_config_file
 
 
 def config():

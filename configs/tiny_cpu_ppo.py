@@ -10,7 +10,7 @@ whitened advantages, clipped value loss (0.2), 2 epochs over 2 minibatches.
 
 from pathlib import Path
 
-from oreal.config import CriticConfig, OptimConfig, PPOConfig, load_config_file
+from oreal.runtime.config import CriticConfig, OptimConfig, PPOConfig, load_config_file
 
 
 def config():

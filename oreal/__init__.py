@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import importlib
 
+from oreal import _compat
+
+_compat.install()  # old module paths of 0.1 keep working, with a warning
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -17,7 +21,7 @@ _EXPORTS = {
     "token_rm_weights": "oreal.ops.loss",
     "PolicyLossOutput": "oreal.ops.policy_loss",
     "fused_policy_loss": "oreal.ops.policy_loss",
-    "rloo_advantages": "oreal.reward.advantages",
+    "rloo_advantages": "oreal.algorithms.advantages",
 }
 
 __all__ = list(_EXPORTS)

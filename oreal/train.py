@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from oreal.config import ConfigError, format_config, parse_args
+from oreal.runtime.config import ConfigError, format_config, parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {command.config_path}")
         print(format_config(command.config))
         return 0
-    from oreal.trainer import run
+    from oreal.algorithms.oreal import run
 
     return run(command.config)
 

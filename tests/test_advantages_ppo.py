@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from oreal.ppo import clipped_value_loss, explained_variance, should_skip_minibatch
+from oreal.algorithms.ppo_family import clipped_value_loss, explained_variance, should_skip_minibatch
 from oreal.reward import gae_advantages, group_normalized_advantages, outcome_token_rewards
 
 

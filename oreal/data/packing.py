@@ -1,6 +1,6 @@
 """Packing rollouts into flat micro-batches: one row of `T` tokens, sequences delimited by `cu_seqlens`.
 
-A `Rollout` is what the trainer builds from one sampled answer: prompt ids, response ids, the
+A `TrainingSample` is what the trainer builds from one sampled answer: prompt ids, response ids, the
 sequence's advantage and polarity, and optional per-response-token arrays (token-RM scores,
 reference and behaviour log-probs, anything else by name). `pack_rollouts` balances rollouts
 over data-parallel ranks and micro-batches (`oreal.data.balance`) and builds this rank's
@@ -37,7 +37,7 @@ def _as_array(value, dtype) -> np.ndarray:
 
 
 @dataclass
-class Rollout:
+class TrainingSample:
     """One sampled answer to pack.
 
     Args:
@@ -158,7 +158,7 @@ class PackedBatch:
         """Per-sequence views of the action positions of a packed `[T, ...]` tensor.
 
         Sequence i yields `R_i` entries, one per response token, in response order: the inverse of how
-        `Rollout` per-token arrays are packed. `unpack_actions(labels)` gives back the response ids.
+        `TrainingSample` per-token arrays are packed. `unpack_actions(labels)` gives back the response ids.
         """
         out = []
         for piece, prompt_len in zip(self.unpack(values), self.prompt_lens):
@@ -180,13 +180,13 @@ class PackedBatch:
                    extras={name: zero.clone() for name in extras}, is_padding=True, **side)
 
 
-def check_rollouts(rollouts: Sequence[Rollout]) -> tuple[list[str], list[str]]:
+def check_rollouts(rollouts: Sequence[TrainingSample]) -> tuple[list[str], list[str]]:
     """Validates rollouts for packing; returns the side fields and extras names they all carry."""
     if not rollouts:
         raise ValueError("rollouts: nothing to pack (the list is empty)")
     for index, r in enumerate(rollouts):
-        if not isinstance(r, Rollout):
-            raise ValueError(f"rollouts[{index}]: expected a Rollout, got {type(r).__name__}")
+        if not isinstance(r, TrainingSample):
+            raise ValueError(f"rollouts[{index}]: expected a TrainingSample, got {type(r).__name__}")
     first = rollouts[0]
     side = [name for name in SIDE_FIELDS if getattr(first, name) is not None]
     extras = sorted(first.extras)
@@ -208,7 +208,7 @@ def check_rollouts(rollouts: Sequence[Rollout]) -> tuple[list[str], list[str]]:
     return side, extras
 
 
-def pack_sequences(rollouts: Sequence[Rollout], indices: Sequence[int], *, side_fields: Sequence[str] = (),
+def pack_sequences(rollouts: Sequence[TrainingSample], indices: Sequence[int], *, side_fields: Sequence[str] = (),
                    extras: Sequence[str] = (), pad_token_id: int = 0) -> PackedBatch:
     """One micro-batch from `rollouts[i] for i in indices` (already validated); padding when empty."""
     if len(indices) == 0:
@@ -252,7 +252,7 @@ def pack_sequences(rollouts: Sequence[Rollout], indices: Sequence[int], *, side_
         **{name: side([getattr(r, name) for r in chosen]) for name in side_fields})
 
 
-def pack_rollouts(rollouts: Sequence[Rollout], *, max_tokens: int, world_size: int = 1, rank: int = 0,
+def pack_rollouts(rollouts: Sequence[TrainingSample], *, max_tokens: int, world_size: int = 1, rank: int = 0,
                   method: str = "auto", min_micro_batches: int = 1,
                   pad_token_id: int = 0) -> tuple[list[PackedBatch], PackingReport]:
     """This rank's balanced micro-batches of all `rollouts` (the global list, identical on every rank).

@@ -1,7 +1,9 @@
-"""Rewards: the rule-based judger, the optional LLM verifier, the token-level reward model and advantages.
+"""Judging answers: the rule-based judger (extraction, normalisation, equivalence, killable sympy workers),
+the optional LLM verifier, and the `oreal-judge` CLI. Nothing here knows about training; advantages live in
+`oreal.algorithms.advantages`, the token-level reward model in `oreal.algorithms.token_rm`.
 
 Names are imported on first use (PEP 562), so `import oreal.reward` costs nothing until a name is
-touched, and the judger never pulls in torch through the advantage functions.
+touched, and the judger's worker processes never pull in torch.
 """
 
 from __future__ import annotations
@@ -9,10 +11,6 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "gae_advantages": "oreal.reward.advantages",
-    "group_normalized_advantages": "oreal.reward.advantages",
-    "outcome_token_rewards": "oreal.reward.advantages",
-    "rloo_advantages": "oreal.reward.advantages",
     "extract_answer": "oreal.reward.extract",
     "reference_answer": "oreal.reward.extract",
     "is_equivalent": "oreal.reward.equivalence",
@@ -27,9 +25,19 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS)
 
+# moved to oreal.algorithms.advantages in 0.2; the old names warn for one release
+_MOVED = {name: "oreal.algorithms.advantages" for name in (
+    "gae_advantages", "group_normalized_advantages", "outcome_token_rewards", "rloo_advantages")}
+
 
 def __getattr__(name):
     module = _EXPORTS.get(name)
+    if module is None and name in _MOVED:
+        from oreal._compat import warn_moved
+
+        module = _MOVED[name]
+        warn_moved(f"oreal.reward.{name}", f"{module}.{name}")
+        return getattr(importlib.import_module(module), name)
     if module is None:
         raise AttributeError(f"module 'oreal.reward' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)

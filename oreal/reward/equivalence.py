@@ -11,9 +11,13 @@ Policy, one line per choice:
   equal only when identical, so tiny distinct values never collapse (`1/2^{99} != 1/2^{98}`,
   `1/100! != 1/101!`). Irrational values (radicals, pi, e, logs, trig) are compared at 60 significant
   digits and must agree to 30.
-- A written decimal against a value that is not a terminating decimal matches when it is that value
-  rounded or truncated to the written places and has at least two significant digits (`0.33 = 1/3`,
-  `2.6667 = 8/3`, but `0.3 != 1/3`); against a terminating value it must be exact (`5.001 != 5`).
+- A written decimal against a value that is not a terminating decimal (`1/3`, `\\sqrt 2`, `\\pi`) matches
+  when it lies within a relative 1e-4 of it, the rule of the recipes' original judgers (Qwen-style
+  `math_equal`, `isclose(rel_tol=1e-4)`): `2.6667 = 8/3`, `1.4142 = \\sqrt 2`, but `0.33 != 1/3` and
+  `3.14 != \\pi` (a coarse rounding of an exact answer is wrong). Against a terminating value a decimal
+  must be exact (`5.001 != 5`). Option `decimal_policy="rounding"` (lenient, the policy before issue 18):
+  the value rounded or truncated to the written places, with two significant digits (`0.33 = 1/3`,
+  `0.3 != 1/3`); as a training reward it pays a policy for dropping exact forms.
 - Percent: `28\\% = 28` and `28\\% = 0.28` (the sign is dropped or applied); degrees: `90^\\circ = 90`
   and `90^\\circ = \\pi/2`. Units and other words after a value are dropped (`125 miles`, `15 cm^2`,
   `\\$10`). `\\text{...}` around a number or one letter is that number or letter.
@@ -45,11 +49,12 @@ from itertools import product
 
 import mpmath
 
-from oreal.reward.evaluate import (WORK_DPS, Matrix, NotNumeric, TooLarge, Undefined, decimal_matches, evaluate,
-                                   is_exact, to_mp, values_equal)
+from oreal.reward.numeric_value import (WORK_DPS, ZERO_TOL, Matrix, NotNumeric, TooLarge, Undefined, decimal_matches,
+                                        evaluate, is_exact, to_mp, values_equal)
 from oreal.reward.extract import choice_letter
 from oreal.reward.latex_parser import Node, ParseError, num, parse
-from oreal.reward.fastpath import is_terminating, quick_verdict
+from oreal.reward.fastpath import (DEFAULT_DECIMAL_POLICY, RELATIVE_TOLERANCE, check_decimal_policy, is_terminating,
+                                   quick_verdict)
 from oreal.reward.normalize import normalize_answer
 
 MAX_ITEMS = 64
@@ -68,17 +73,18 @@ class Verdict:
     reason: str
 
 
-def is_equivalent(pred, gold) -> bool:
+def is_equivalent(pred, gold, *, decimal_policy: str = DEFAULT_DECIMAL_POLICY) -> bool:
     """True when the two answer strings state the same mathematics (see the module docstring)."""
-    return compare(pred, gold).equal
+    return compare(pred, gold, decimal_policy=decimal_policy).equal
 
 
-def compare(pred, gold) -> Verdict:
-    """`is_equivalent` with the reason. Never raises on any input."""
+def compare(pred, gold, *, decimal_policy: str = DEFAULT_DECIMAL_POLICY) -> Verdict:
+    """`is_equivalent` with the reason. Never raises on any input but an unknown `decimal_policy`."""
+    check_decimal_policy(decimal_policy)
     if not isinstance(pred, str) or not isinstance(gold, str):
         return Verdict(False, "empty")
     try:
-        quick = quick_verdict(pred, gold)
+        quick = quick_verdict(pred, gold, decimal_policy)
         if quick is not None:
             return Verdict(quick.equal, quick.reason)
         p, g = normalize_answer(pred), normalize_answer(gold)
@@ -90,7 +96,7 @@ def compare(pred, gold) -> Verdict:
         except (ParseError, RecursionError, ValueError, OverflowError, ZeroDivisionError):
             return Verdict(False, "unparsed")
         with mpmath.workdps(WORK_DPS):
-            equal = _Comparer().equal(a, b)
+            equal = _Comparer(decimal_policy).equal(a, b)
         return Verdict(equal, "equivalent" if equal else "different")
     except (RecursionError, MemoryError, ArithmeticError, NotNumeric, ValueError, TypeError):
         return Verdict(False, "different")
@@ -277,8 +283,9 @@ def _is_setlike(n: Node) -> bool:
 
 
 class _Comparer:
-    def __init__(self):
+    def __init__(self, decimal_policy: str = DEFAULT_DECIMAL_POLICY):
         self.rng = random.Random(0x0EA1)
+        self.decimal_policy = decimal_policy
 
     def equal(self, a: Node, b: Node) -> bool:
         a, b = meaning(a), meaning(b)
@@ -585,9 +592,9 @@ class _Comparer:
             return False
         da, db = _decimal_places(a), _decimal_places(b)
         if da is not None and db is None:
-            return _decimal_equal(da, vb)
+            return _decimal_equal(da, vb, self.decimal_policy)
         if db is not None and da is None:
-            return _decimal_equal(db, va)
+            return _decimal_equal(db, va, self.decimal_policy)
         return values_equal(va, vb)
 
     def _identity(self, a: Node, b: Node, names) -> bool:
@@ -662,7 +669,7 @@ def _canonical_relation(items, op):
     return Node("add", (left, Node("neg", right))), op
 
 
-def _decimal_equal(decimal, value) -> bool:
+def _decimal_equal(decimal, value, decimal_policy: str) -> bool:
     written, places = decimal
     if values_equal(written, value):
         return True
@@ -670,4 +677,17 @@ def _decimal_equal(decimal, value) -> bool:
         return False
     if isinstance(value, Matrix):
         return False
-    return decimal_matches(written, places, value)
+    if decimal_policy == "rounding":
+        return decimal_matches(written, places, value)
+    return _within_relative(written, value)
+
+
+def _within_relative(written: Fraction, value) -> bool:
+    """`isclose(written, value, rel_tol=1e-4)` for a real value (a complex one must be real within ZERO_TOL)."""
+    v = to_mp(value)
+    if isinstance(v, mpmath.mpc):
+        if abs(v.imag) > ZERO_TOL:
+            return False
+        v = v.real
+    d = to_mp(written)
+    return abs(d - v) <= to_mp(RELATIVE_TOLERANCE) * max(abs(d), abs(v))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import oreal
-from oreal.data import IGNORE_INDEX, PackedBatch, Rollout, pack_rollouts, partition, plan_packing
+from oreal.data import IGNORE_INDEX, PackedBatch, TrainingSample, pack_rollouts, partition, plan_packing
 from oreal.data.balance import greedy_partition, karmarkar_karp_partition
 
 
@@ -21,7 +21,7 @@ def random_rollouts(rng: np.random.Generator, count: int, *, max_prompt=20, max_
         if side:
             arrays = dict(rm_scores=rng.normal(size=len(response)), ref_logprobs=-rng.random(len(response)),
                           old_logprobs=-rng.random(len(response)), extras={"entropy": rng.random(len(response))})
-        rollouts.append(Rollout(prompt, response, advantage=float(rng.normal()), is_positive=bool(rng.random() < 0.5),
+        rollouts.append(TrainingSample(prompt, response, advantage=float(rng.normal()), is_positive=bool(rng.random() < 0.5),
                                 **arrays))
     return rollouts
 
@@ -36,9 +36,9 @@ def long_tailed_lengths(rng: np.random.Generator, count: int, cap: int) -> list[
 
 
 def test_layout_of_one_micro_batch():
-    rollouts = [Rollout([5, 6, 7], [8, 9], advantage=0.5, is_positive=True, rm_scores=[0.1, 0.2]),
-                Rollout([1], [2, 3, 4], advantage=-1.0, is_positive=False, rm_scores=[0.3, 0.4, 0.5]),
-                Rollout([10, 11], [], advantage=2.0, is_positive=True, rm_scores=[])]
+    rollouts = [TrainingSample([5, 6, 7], [8, 9], advantage=0.5, is_positive=True, rm_scores=[0.1, 0.2]),
+                TrainingSample([1], [2, 3, 4], advantage=-1.0, is_positive=False, rm_scores=[0.3, 0.4, 0.5]),
+                TrainingSample([10, 11], [], advantage=2.0, is_positive=True, rm_scores=[])]
     (batch,), report = pack_rollouts(rollouts, max_tokens=64)
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 1, 2, 3, 4, 10, 11]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1]]
@@ -152,20 +152,20 @@ def test_fewer_sequences_than_ranks_get_padding_batches():
 
 
 def test_sequence_over_budget_names_the_limit():
-    rollouts = [Rollout([1, 2], [3]), Rollout([1] * 10, [2] * 10)]
+    rollouts = [TrainingSample([1, 2], [3]), TrainingSample([1] * 10, [2] * 10)]
     with pytest.raises(ValueError, match=r"sequence 1 has 20 tokens, more than .* max_tokens=16"):
         pack_rollouts(rollouts, max_tokens=16)
 
 
 @pytest.mark.parametrize("rollouts, pattern", [
     ([], "nothing to pack"),
-    ([Rollout([], [1, 2])], r"rollouts\[0\]: prompt_ids is empty"),
-    ([Rollout([1], [2, 3], rm_scores=[0.1])], r"rollouts\[0\]: rm_scores has 1 values for 2 response tokens"),
-    ([Rollout([1], [2], rm_scores=[0.1]), Rollout([1], [2])], r"rollouts\[1\]: rm_scores is missing, unlike"),
-    ([Rollout([1], [2]), Rollout([1], [2], ref_logprobs=[0.1])], r"rollouts\[1\]: ref_logprobs is given, unlike"),
-    ([Rollout([1], [2], extras={"a": [1]}), Rollout([1], [2])], r"rollouts\[1\]: extras \[\] differ"),
-    ([Rollout([1], [-2])], r"rollouts\[0\]: token ids must be non-negative"),
-    (["not a rollout"], r"rollouts\[0\]: expected a Rollout"),
+    ([TrainingSample([], [1, 2])], r"rollouts\[0\]: prompt_ids is empty"),
+    ([TrainingSample([1], [2, 3], rm_scores=[0.1])], r"rollouts\[0\]: rm_scores has 1 values for 2 response tokens"),
+    ([TrainingSample([1], [2], rm_scores=[0.1]), TrainingSample([1], [2])], r"rollouts\[1\]: rm_scores is missing, unlike"),
+    ([TrainingSample([1], [2]), TrainingSample([1], [2], ref_logprobs=[0.1])], r"rollouts\[1\]: ref_logprobs is given, unlike"),
+    ([TrainingSample([1], [2], extras={"a": [1]}), TrainingSample([1], [2])], r"rollouts\[1\]: extras \[\] differ"),
+    ([TrainingSample([1], [-2])], r"rollouts\[0\]: token ids must be non-negative"),
+    (["not a rollout"], r"rollouts\[0\]: expected a TrainingSample"),
 ])
 def test_bad_rollouts(rollouts, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -182,7 +182,7 @@ def test_bad_plan_arguments():
     with pytest.raises(ValueError, match=r"lengths\[1\]: a sequence needs at least 1 token"):
         plan_packing([1, 0], 10)
     with pytest.raises(ValueError, match=r"rank: expected an int in \[0, 2\)"):
-        pack_rollouts([Rollout([1], [2])], max_tokens=10, world_size=2, rank=2)
+        pack_rollouts([TrainingSample([1], [2])], max_tokens=10, world_size=2, rank=2)
 
 
 # --- balance ---------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from oreal.config import Config, parse_args
-from oreal.data.synthetic import SyntheticTask
-from oreal.demo import DemoError, format_table, load_config_module, main, run_demo
-from oreal.plotting import plot_runs, read_records, series
-from oreal.sft import SFTConfig
+from oreal.runtime.config import Config, parse_args
+from oreal.demo.task import SyntheticTask
+from oreal.demo.pipeline import DemoError, format_table, load_config_module, main, run_demo
+from oreal.demo.plotting import plot_runs, read_records, series
+from oreal.algorithms.sft import SFTConfig
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "demo_cpu.py"

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from oreal.config import ConfigError
-from oreal.data.synthetic import Difficulty, generate_split, read_jsonl, write_jsonl
-from oreal.sft import (SFTConfig, SFTDataConfig, SFTModelConfig, SFTTrainConfig, build_initial_model, main,
+from oreal.runtime.config import ConfigError
+from oreal.demo.task import Difficulty, generate_split, read_jsonl, write_jsonl
+from oreal.algorithms.sft import (SFTConfig, SFTDataConfig, SFTModelConfig, SFTTrainConfig, build_initial_model, main,
                        parse_args, tokenize_examples)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ def test_tokenizer_round_trips_and_the_model_matches_it(tmp_path, train_file):
 def test_command_line_errors_name_the_option(tmp_path, train_file):
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
-        "from oreal.sft import SFTConfig, SFTDataConfig\n"
+        "from oreal.algorithms.sft import SFTConfig, SFTDataConfig\n"
         f"def sft_config():\n    return SFTConfig(data=SFTDataConfig(train_file={str(train_file)!r}))\n")
     cfg, print_config = parse_args(["--config", str(config_file), "--steps", "7", "--optim.lr", "0.01",
                                     "--output-dir", str(tmp_path / "o")])
@@ -88,8 +88,8 @@ def test_short_sft_run_under_torchrun_lowers_the_loss(tmp_path, train_file):
 
     config_file = tmp_path / "cfg.py"
     config_file.write_text(
-        "from oreal.sft import SFTConfig, SFTDataConfig, SFTModelConfig, SFTTrainConfig\n"
-        "from oreal.config import OptimConfig\n"
+        "from oreal.algorithms.sft import SFTConfig, SFTDataConfig, SFTModelConfig, SFTTrainConfig\n"
+        "from oreal.runtime.config import OptimConfig\n"
         "def sft_config():\n"
         "    return SFTConfig(\n"
         "        model=SFTModelConfig(vocab_size=400, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,\n"
@@ -101,7 +101,7 @@ def test_short_sft_run_under_torchrun_lowers_the_loss(tmp_path, train_file):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "oreal.sft", "--config", str(config_file), "--output-dir", str(out), "--train.seed", str(SEED)]
+               "oreal.algorithms.sft", "--config", str(config_file), "--output-dir", str(out), "--train.seed", str(SEED)]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from oreal.data import read_prompt_file
-from oreal.data.synthetic import (SPLITS, Difficulty, SyntheticTask, evaluate_chain, generate_split, read_jsonl,
+from oreal.demo.task import (SPLITS, Difficulty, SyntheticTask, evaluate_chain, generate_split, read_jsonl,
                                   split_of, write_jsonl)
 
 SEED = random.randrange(1_000_000)  # fresh inputs every run; printed in failures

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import oreal
-from oreal.data import Rollout, pack_rollouts
+from oreal.data import TrainingSample, pack_rollouts
 from oreal.model import forward_hidden, lm_head_weight, load_causal_lm, set_attn_backend
 from oreal.model.tiny import tiny_llama_config, tiny_qwen2_config
 
@@ -21,7 +21,7 @@ def make_rollouts(seed: int, lengths=LENGTHS):
         prompt_len = int(rng.integers(1, length + 1))
         ids = rng.integers(0, VOCAB, size=length)
         response_len = length - prompt_len
-        rollouts.append(Rollout(ids[:prompt_len], ids[prompt_len:], advantage=float(rng.normal()),
+        rollouts.append(TrainingSample(ids[:prompt_len], ids[prompt_len:], advantage=float(rng.normal()),
                                 is_positive=bool(rng.random() < 0.5), rm_scores=rng.normal(size=response_len),
                                 ref_logprobs=-rng.random(response_len) - 3.0))
     return rollouts

@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import oreal
-from oreal.config import Config, ConfigError, load_config_file, needs_reference, parse_args
-from oreal.data import Rollout, pack_rollouts
-from oreal.ppo import (explained_variance, explained_variance_from_sums, moment_sums, residual_sums,
+from oreal.runtime.config import Config, ConfigError, load_config_file, needs_reference, parse_args
+from oreal.data import TrainingSample, pack_rollouts
+from oreal.algorithms.ppo_family import (explained_variance, explained_variance_from_sums, moment_sums, residual_sums,
                        should_skip_minibatch, whiten)
-from oreal.reward.advantages import (gae_advantages, group_normalized_advantages, kl_penalized_rewards,
+from oreal.algorithms.advantages import (gae_advantages, group_normalized_advantages, kl_penalized_rewards,
                                      outcome_token_rewards)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,13 +25,13 @@ CONFIGS = REPO / "configs"
 VOCAB = 97
 
 
-def random_rollouts(rng: np.random.Generator, count: int, *, empty_every: int = 0) -> list[Rollout]:
+def random_rollouts(rng: np.random.Generator, count: int, *, empty_every: int = 0) -> list[TrainingSample]:
     """Rollouts of random lengths; every `empty_every`-th one has an empty response (no action token)."""
     out = []
     for i in range(count):
         prompt = rng.integers(0, VOCAB, size=int(rng.integers(1, 6)))
         length = 0 if empty_every and i % empty_every == 0 else int(rng.integers(1, 9))
-        out.append(Rollout(prompt, rng.integers(0, VOCAB, size=length), advantage=float(rng.normal()),
+        out.append(TrainingSample(prompt, rng.integers(0, VOCAB, size=length), advantage=float(rng.normal()),
                            is_positive=bool(rng.random() < 0.5)))
     return out
 
@@ -166,7 +166,7 @@ def tiny_lm(seed: int = 0):
 
 def test_value_model_reads_the_state_before_each_action():
     from oreal.model import forward_hidden
-    from oreal.recipes.models import ValueModel
+    from oreal.algorithms.clipped_models import ValueModel
 
     rng = np.random.default_rng()
     rollouts = random_rollouts(rng, 5, empty_every=4)
@@ -182,7 +182,7 @@ def test_value_model_reads_the_state_before_each_action():
     torch.testing.assert_close(values[action], raw[action])  # read at t, the position that predicts labels[t]
     assert torch.equal(values[~action], torch.zeros_like(values[~action]))
     # V(s_t) cannot depend on the action taken at t: change the last response token of every sequence.
-    changed = [Rollout(r.prompt_ids, np.concatenate([r.response_ids[:-1], (r.response_ids[-1:] + 1) % VOCAB]))
+    changed = [TrainingSample(r.prompt_ids, np.concatenate([r.response_ids[:-1], (r.response_ids[-1:] + 1) % VOCAB]))
                if len(r.response_ids) else r for r in rollouts]
     other = critic(one_batch(changed))
     torch.testing.assert_close(other[action], values[action])
@@ -191,7 +191,7 @@ def test_value_model_reads_the_state_before_each_action():
 @pytest.mark.parametrize("loss_agg", ["token", "sequence"])
 def test_clipped_policy_module_is_the_fused_loss_on_its_hidden_states(loss_agg):
     from oreal.model import forward_hidden, lm_head_weight
-    from oreal.recipes.models import ClippedSurrogatePolicy, ClipSettings
+    from oreal.algorithms.clipped_models import ClippedSurrogatePolicy, ClipSettings
 
     batch = one_batch(random_rollouts(np.random.default_rng(), 6))
     settings = ClipSettings(clip_low=0.2, clip_high=0.28, kl_coef=0.05, loss_agg=loss_agg, temperature=0.7,
@@ -217,8 +217,8 @@ def test_clipped_policy_module_is_the_fused_loss_on_its_hidden_states(loss_agg):
 def make_trainer(*, minibatches=3, epochs=2, early_stop_ratio=0.0, statistic="mean", lr=1e-2, seed=0,
                  reference=False):
     """A `ClippedUpdateTrainer` on one process (world size 1: no collective runs) with a real tiny policy."""
-    from oreal.recipes.clipped import ClippedUpdateTrainer
-    from oreal.recipes.models import ClippedSurrogatePolicy, ClipSettings
+    from oreal.algorithms.clipped import ClippedUpdateTrainer
+    from oreal.algorithms.clipped_models import ClippedSurrogatePolicy, ClipSettings
 
     cfg = Config()
     cfg.algorithm = "grpo"
@@ -229,7 +229,7 @@ def make_trainer(*, minibatches=3, epochs=2, early_stop_ratio=0.0, statistic="me
     policy = ClippedSurrogatePolicy(tiny_lm(), ClipSettings(backend="torch"))
     ref_policy = None
     if reference:
-        from oreal.policy import ReferencePolicy
+        from oreal.algorithms.policy import ReferencePolicy
 
         ref_policy = ReferencePolicy(tiny_lm(seed=3), backend="torch")
     parts = SimpleNamespace(ctx=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True),
@@ -305,7 +305,7 @@ def test_minibatches_update_until_the_ratio_is_too_large():
 
 
 def test_policy_pass_statistics_are_token_weighted():
-    from oreal.recipes.clipped import PolicyPassStats
+    from oreal.algorithms.clipped import PolicyPassStats
 
     rng = np.random.default_rng()
     trainer = make_trainer(minibatches=3, epochs=1, reference=True)
@@ -405,8 +405,8 @@ def test_tiny_recipe_configs(name, algorithm):
 def test_ppo_advantages_over_all_micro_batches():
     """PPO's GAE, run once over every micro-batch of the rank, equals GAE per micro-batch; whitening and the
     value statistics are over all of the step's action tokens."""
-    from oreal.recipes.clipped import Minibatch
-    from oreal.recipes.ppo import PPOTrainer
+    from oreal.algorithms.clipped import Minibatch
+    from oreal.algorithms.ppo import PPOTrainer
 
     rng = np.random.default_rng()
     cfg = Config()

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from oreal.recipes.clipped import CLIPPED_METRICS
-from oreal.recipes.ppo import PPO_METRICS
+from oreal.algorithms.clipped import CLIPPED_METRICS
+from oreal.algorithms.ppo import PPO_METRICS
 from torchrun_launch import REPO, Launch, dcp_tensors, read_metrics
 
 GRPO = REPO / "configs" / "tiny_cpu_grpo.py"

@@ -16,13 +16,13 @@ import torch
 import torch.distributed as dist
 
 from oreal import fused_oreal_loss
-from oreal.config import Config
-from oreal.data import Rollout, pack_rollouts
-from oreal.distributed import init_distributed, shard
+from oreal.runtime.config import Config
+from oreal.data import TrainingSample, pack_rollouts
+from oreal.runtime.distributed import init_distributed, shard
 from oreal.model import forward_hidden, load_causal_lm
 from oreal.model.tiny import tiny_qwen2_config
-from oreal.policy import LossCoefficients, PolicyWithLoss
-from oreal.trainer import Trainer
+from oreal.algorithms.policy import LossCoefficients, PolicyWithLoss
+from oreal.algorithms.oreal import Trainer
 
 
 class EchoEngine:
@@ -39,7 +39,7 @@ class EchoEngine:
 
 
 def check_generation_routing(ctx, group) -> dict:
-    from oreal.generation import DistributedGenerator, GenerationError
+    from oreal.rollout.generator import DistributedGenerator, GenerationError
 
     engine = EchoEngine() if ctx.rank == 0 else None
     generator = DistributedGenerator(engine, None, rank=ctx.rank, world_size=ctx.world_size, group=group)
@@ -74,7 +74,7 @@ def main(out_path: str) -> None:
     # Different samples on each rank, unevenly many (rank 1 keeps more).
     seed = int(sys.argv[2])
     rng = np.random.default_rng([seed, ctx.rank])
-    local = [Rollout(prompt_ids=rng.integers(1, 40, rng.integers(2, 6)),
+    local = [TrainingSample(prompt_ids=rng.integers(1, 40, rng.integers(2, 6)),
                      response_ids=rng.integers(1, 40, rng.integers(4, 12)),
                      advantage=float(rng.normal()), is_positive=bool(rng.integers(2)))
              for _ in range(3 + 4 * ctx.rank)]
@@ -102,7 +102,7 @@ def main(out_path: str) -> None:
         samples, scores = [], []
         for batch, rm in pieces:
             for i, (seq, prompt_len) in enumerate(zip(batch.unpack(batch.input_ids[0]), batch.prompt_lens)):
-                samples.append(Rollout(prompt_ids=seq[:prompt_len], response_ids=seq[prompt_len:],
+                samples.append(TrainingSample(prompt_ids=seq[:prompt_len], response_ids=seq[prompt_len:],
                                        advantage=float(batch.advantages[i]), is_positive=bool(batch.is_positive[i])))
                 scores.append(batch.unpack_actions(rm)[i])
         for s, sc in zip(samples, scores):

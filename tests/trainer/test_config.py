@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from oreal.config import (Config, ConfigError, convert, format_config, load_config_file, option_paths, parse_args,
+from oreal.runtime.config import (Config, ConfigError, convert, format_config, load_config_file, option_paths, parse_args,
                           set_option)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,7 +18,7 @@ def tiny_file(tmp_path: Path) -> Path:
     """A minimal valid config file."""
     path = tmp_path / "cfg.py"
     path.write_text(
-        "from oreal.config import Config, DataConfig, ModelConfig\n"
+        "from oreal.runtime.config import Config, DataConfig, ModelConfig\n"
         "def config():\n"
         "    return Config(model=ModelConfig(path='m'), data=DataConfig(train_files=['p.jsonl']))\n")
     return path

@@ -13,13 +13,13 @@ import pytest
 import torch
 
 import oreal
-from oreal.checkpoint import CheckpointError, CheckpointManager, latest_checkpoint, list_checkpoints
-from oreal.data import PromptSampler, Rollout, pack_rollouts
-from oreal.evaluation import pass_at_k
-from oreal.filtering import select_samples
-from oreal.metrics import MetricsLogger, read_jsonl
-from oreal.schedule import WarmupCosine, warmup_cosine
-from oreal.trainer import apply_update
+from oreal.runtime.checkpoint import CheckpointError, CheckpointManager, latest_checkpoint, list_checkpoints
+from oreal.data import PromptSampler, TrainingSample, pack_rollouts
+from oreal.runtime.evaluation import pass_at_k
+from oreal.algorithms.filtering import select_samples
+from oreal.runtime.metrics import MetricsLogger, read_jsonl
+from oreal.runtime.schedule import WarmupCosine, warmup_cosine
+from oreal.algorithms.oreal import apply_update
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ def _batch(vocab=48, sequences=6, seed=None):
     rng = np.random.default_rng(seed)
     rollouts = []
     for i in range(sequences):
-        rollouts.append(Rollout(prompt_ids=rng.integers(1, vocab, rng.integers(1, 6)),
+        rollouts.append(TrainingSample(prompt_ids=rng.integers(1, vocab, rng.integers(1, 6)),
                                 response_ids=rng.integers(1, vocab, rng.integers(1, 9)),
                                 advantage=float(rng.normal()), is_positive=bool(i % 2)))
     batches, _ = pack_rollouts(rollouts, max_tokens=10_000)
@@ -282,7 +282,7 @@ def _batch(vocab=48, sequences=6, seed=None):
 
 def test_token_rm_scores_align_with_labels(tiny_lm_factory):
     from oreal.model import forward_hidden
-    from oreal.token_rm import TokenRewardModel
+    from oreal.algorithms.token_rm import TokenRewardModel
 
     rm = TokenRewardModel(tiny_lm_factory())
     batch = _batch()
@@ -298,7 +298,7 @@ def test_token_rm_scores_align_with_labels(tiny_lm_factory):
 
 
 def test_token_rm_learns_the_outcome(tiny_lm_factory):
-    from oreal.token_rm import TokenRewardModel, sequence_mean_scores, token_rm_loss
+    from oreal.algorithms.token_rm import TokenRewardModel, sequence_mean_scores, token_rm_loss
 
     rm = TokenRewardModel(tiny_lm_factory())
     batch = _batch(sequences=8)
@@ -326,7 +326,7 @@ def test_token_rm_learns_the_outcome(tiny_lm_factory):
 
 def test_policy_and_reference_log_probs(tiny_lm_factory):
     from oreal.model import forward_hidden
-    from oreal.policy import LossCoefficients, PolicyWithLoss, ReferencePolicy
+    from oreal.algorithms.policy import LossCoefficients, PolicyWithLoss, ReferencePolicy
 
     batch = _batch(seed=None)
     batch.rm_scores = torch.randn(batch.num_tokens)
@@ -350,7 +350,7 @@ def test_policy_and_reference_log_probs(tiny_lm_factory):
     assert policy.lm.lm_head.weight.grad is not None and policy.lm.model.embed_tokens.weight.grad is not None
     assert all(p.grad is None for p in reference.parameters())
 
-    from oreal.loss_terms import TERMS, loss_term_sums
+    from oreal.algorithms.loss_terms import TERMS, loss_term_sums
 
     batch.ref_logprobs = ref_lp
     sums = dict(zip(TERMS, loss_term_sums(batch, out, kl_coef=0.05, pos_coef=1.0, neg_coef=0.5, pos_tokens=pos,

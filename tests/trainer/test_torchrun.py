@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from oreal.trainer import REQUIRED_METRICS
+from oreal.algorithms.oreal import REQUIRED_METRICS
 from torchrun_launch import REPO, Launch, dcp_tensors, read_metrics
 
 TINY = REPO / "configs" / "tiny_cpu.py"

@@ -30,10 +30,10 @@ import torch
 import torch.distributed as dist
 
 from oreal.data import PackedBatch, pack_rollouts
-from oreal.data import Rollout as TrainingSample
-from oreal.distributed import all_reduce_sum
-from oreal.ppo import should_skip_minibatch
-from oreal.recipes.base import BaseTrainer
+from oreal.data import TrainingSample
+from oreal.runtime.distributed import all_reduce_sum
+from oreal.algorithms.ppo_family import should_skip_minibatch
+from oreal.algorithms.loop import BaseTrainer
 
 # Every key below is in every line of metrics.jsonl of a GRPO or PPO run ("nan" where nothing was measured).
 CLIPPED_METRICS = (

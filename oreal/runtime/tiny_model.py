@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from oreal.components import SetupError
-from oreal.config import Config
+from oreal.runtime.config import Config
+from oreal.runtime.setup_errors import SetupError
 from oreal.data import PromptFormatError, read_prompt_file
 from oreal.model import load_causal_lm
 from oreal.model.tiny import CHATML_TEMPLATE, SPECIAL_TOKENS, build_tiny_tokenizer, tiny_qwen2_config

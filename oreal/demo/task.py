@@ -33,6 +33,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from oreal.data.sft_records import read_sft_records as read_jsonl  # noqa: F401 (the demo's SFT files)
+
 SPLITS = ("train", "rl", "heldout")
 # Share of the chain space each split owns (by hash): enough held-out chains for a few hundred
 # problems even at the smallest difficulty, most of the rest for SFT.
@@ -247,28 +249,6 @@ def write_jsonl(problems: Iterable[Problem], path: str | os.PathLike) -> Path:
             handle.write(json.dumps(problem.to_json()) + "\n")
     os.replace(tmp, path)
     return path
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The records of a JSONL file written by `write_jsonl` (for SFT, which needs the solutions)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"path: {str(path)!r} does not exist")
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc})") from None
-            for field in ("problem", "solution"):
-                if not isinstance(record.get(field), str) or not record[field].strip():
-                    raise ValueError(f"{path}:{number}: field {field!r} is missing or empty (SFT data needs the "
-                                     "problem and its worked solution)")
-            records.append(record)
-    return records
 
 
 @dataclass(frozen=True)

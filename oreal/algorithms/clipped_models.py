@@ -4,7 +4,7 @@ and PPO's critic.
 As with OREAL's `PolicyWithLoss`, the loss runs inside the root's forward, where FSDP2 has unsharded the
 lm_head weight that `oreal.fused_policy_loss` multiplies by (no `[T, V]` logits are materialised).
 
-The critic reuses the token RM's body (`oreal.token_rm.TokenRewardModel`: a copy of the policy whose
+The critic reuses the token RM's body (`oreal.algorithms.token_rm.TokenRewardModel`: a copy of the policy whose
 lm_head is dropped and replaced by a zero-initialised scalar head), read at a different position:
 a value estimates the return from the state *before* an action, so `values[t]`, aligned with
 `labels[t]`, is read from the hidden state at t (the one that predicts the token), where a token
@@ -20,7 +20,7 @@ from torch import nn
 
 import oreal
 from oreal.data import IGNORE_INDEX, PackedBatch
-from oreal.token_rm import TokenRewardModel
+from oreal.algorithms.token_rm import TokenRewardModel
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,12 @@
 
 Stages (each a real entry point; the settings are all in `configs/demo_cpu.py`):
 
-1. data      multi-step arithmetic word problems (`oreal.data.synthetic`): SFT data, RL prompts and a
+1. data      multi-step arithmetic word problems (`oreal.demo.task`): SFT data, RL prompts and a
              held-out set, disjoint by arithmetic chain;
-2. sft       `torchrun --nproc_per_node 2 -m oreal.sft`: a tokenizer trained in-process and a tiny Qwen2,
+2. sft       `torchrun --nproc_per_node 2 -m oreal.algorithms.sft`: a tokenizer trained in-process and a tiny Qwen2,
              fine-tuned with FSDP2 over gloo on a mix of worked solutions and bare answers, so the SFT
              model often answers without working the problem out;
-3. eval      held-out pass@1 of the SFT model (`oreal.heldout`, scored as the trainer scores: greedy in
+3. eval      held-out pass@1 of the SFT model (`oreal.runtime.heldout`, scored as the trainer scores: greedy in
              the demo config), and sampled at the rollout temperature;
 4. oreal     `torchrun --nproc_per_node 2 -m oreal.train`: the real trainer (transformers rollout engine,
              judger, RLOO, filtering, token RM, fused OREAL loss, weight sync), then held-out pass@1;
@@ -137,7 +137,7 @@ def describe_eval(cfg, result: dict) -> str:
 
 
 def last_eval(run_dir: Path) -> dict:
-    from oreal.plotting import EVAL_FILE, read_records
+    from oreal.demo.plotting import EVAL_FILE, read_records
 
     records = read_records(run_dir / EVAL_FILE)
     return records[-1] if records else {}
@@ -160,7 +160,7 @@ SAMPLED_SAMPLES = 4  # samples per problem for the second score, drawn at the ro
 def score_model(model_dir: Path, cfg, seed: int) -> dict:
     """Held-out pass@1 as the RL config's `eval` section scores it (the demo's headline: greedy), and the
     same problems sampled at the rollout temperature (`sampled_pass@1`, the policy RL actually trained)."""
-    from oreal.heldout import at_rollout_temperature, evaluate_model
+    from oreal.runtime.heldout import at_rollout_temperature, evaluate_model
 
     headline = evaluate_model(model_dir, cfg, seed=seed, num_threads=NPROC)
     sampled = evaluate_model(model_dir, at_rollout_temperature(cfg, SAMPLED_SAMPLES), seed=seed, num_threads=NPROC)
@@ -169,7 +169,7 @@ def score_model(model_dir: Path, cfg, seed: int) -> dict:
 
 def resolve_rl_config(args: list[str]):
     """The trainer's resolved `Config` for these command-line arguments (what `oreal.train` will run)."""
-    from oreal.config import ConfigError, parse_args
+    from oreal.runtime.config import ConfigError, parse_args
 
     try:
         return parse_args(args).config
@@ -181,8 +181,8 @@ def run_demo(output_dir: str | Path, seed: int = 0, *, config_path: str | Path =
              sft_options: list[str] = (), rl_options: list[str] = (), skip_grpo: bool = False,
              echo=print) -> dict:
     """The whole demo; returns what it writes to `<output_dir>/results.json`."""
-    from oreal.data.synthetic import SyntheticTask
-    from oreal.plotting import plot_runs
+    from oreal.demo.task import SyntheticTask
+    from oreal.demo.plotting import plot_runs
 
     start = time.perf_counter()
     config_path = Path(config_path).resolve()
@@ -195,7 +195,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, *, config_path: str | Path =
     t = time.perf_counter()
     task = module.task()
     if not isinstance(task, SyntheticTask):
-        raise DemoError(f"--config {config_path}: task() must return an oreal.data.synthetic.SyntheticTask")
+        raise DemoError(f"--config {config_path}: task() must return an oreal.demo.task.SyntheticTask")
     paths = task.write(out / "data", seed=seed)
     timings["data"] = time.perf_counter() - t
     echo(f"[data] {task.train_size} SFT problems, {task.rl_size} RL prompts, {task.heldout_size} held-out "
@@ -203,7 +203,7 @@ def run_demo(output_dir: str | Path, seed: int = 0, *, config_path: str | Path =
 
     # 2. SFT.
     sft_dir = out / "sft"
-    sft_cmd = torchrun("oreal.sft", ["--config", str(config_path), "--output-dir", str(sft_dir),
+    sft_cmd = torchrun("oreal.algorithms.sft", ["--config", str(config_path), "--output-dir", str(sft_dir),
                                      "--data.train_file", str(paths["train"]), "--train.seed", str(seed),
                                      *options(list(sft_options))])
     echo(f"[sft] torchrun x{NPROC}: fine-tuning a tiny Qwen2 (log: {out / 'sft.log'})")

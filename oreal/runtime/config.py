@@ -229,7 +229,7 @@ class Config:
 
     output_dir: str = "outputs/oreal"
     resume: str = ""  # "": start fresh; "latest": the newest checkpoint in output_dir; or a checkpoint directory
-    # oreal: the paper's step (oreal.trainer); grpo: RLinf's GRPO; ppo: PPO with a critic (oreal.recipes)
+    # oreal: the paper's step (oreal.algorithms.oreal); grpo: RLinf's GRPO; ppo: PPO with a critic (oreal.algorithms)
     algorithm: str = "oreal"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -521,7 +521,7 @@ def load_config_file(path: str | Path) -> Config:
         raise ConfigError(f"--config {path}: the file must define a function `config()` returning a Config")
     cfg = factory()
     if not isinstance(cfg, Config):
-        raise ConfigError(f"--config {path}: config() returned {type(cfg).__name__}, expected oreal.config.Config")
+        raise ConfigError(f"--config {path}: config() returned {type(cfg).__name__}, expected oreal.runtime.config.Config")
     return cfg
 
 

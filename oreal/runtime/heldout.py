@@ -1,6 +1,6 @@
 """Held-out evaluation of a saved model, outside any training run: pass@1 on prompt files.
 
-    metrics = evaluate_model("outputs/demo/sft/hf", cfg)          # cfg: the RL run's `oreal.config.Config`
+    metrics = evaluate_model("outputs/demo/sft/hf", cfg)          # cfg: the RL run's `oreal.runtime.config.Config`
 
 Everything that decides a score comes from the RL config, so a model is scored here exactly as the
 trainer's periodic evaluation scores it: prompts rendered by `cfg.data` (template, system prompt,
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from oreal.config import Config
+from oreal.runtime.config import Config
 
 
 def at_rollout_temperature(cfg: Config, samples: int) -> Config:
@@ -40,7 +40,7 @@ def evaluate_model(model_dir: str | Path, cfg: Config, *, files: Sequence[str] |
     decoded texts and `"correct"`: their verdicts, in order (problem by problem, its samples together).
     Raises ValueError naming a missing file or model directory.
     """
-    from oreal.components import Judge, load_tokenizer, stop_token_ids
+    from oreal.runtime.build import Judge, load_tokenizer, stop_token_ids
     from oreal.data import PromptDataset, PromptRenderer
     from oreal.rollout import SamplingParams
     from oreal.rollout.hf import HFBackend

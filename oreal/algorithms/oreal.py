@@ -1,6 +1,6 @@
 """The OREAL trainer: `Trainer.train_step` is the whole algorithm, top to bottom. The loop, rollouts, judging,
-updates, metrics, evaluation and checkpoints are shared with the other algorithms (`oreal.recipes.base`);
-`run` builds the trainer of `cfg.algorithm` (oreal here; grpo and ppo in `oreal.recipes`).
+updates, metrics, evaluation and checkpoints are shared with the other algorithms (`oreal.algorithms.loop`);
+`run` builds the trainer of `cfg.algorithm` (oreal here; grpo and ppo in `oreal.algorithms`).
 
 One step (OREAL, arXiv 2502.06781; DESIGN.md "Data flow"):
 
@@ -41,17 +41,17 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from oreal.checkpoint import CheckpointManager
-from oreal.config import Config
-from oreal.data import Rollout as TrainingSample
+from oreal.runtime.checkpoint import CheckpointManager
+from oreal.runtime.config import Config
+from oreal.data import TrainingSample
 from oreal.data import pack_rollouts
-from oreal.distributed import all_reduce_sum
-from oreal.filtering import select_samples
-from oreal.loss_terms import loss_term_sums
-from oreal.metrics import MetricsLogger
-from oreal.recipes.base import BaseTrainer, PhaseTimer, _rate, apply_update, step_seed  # noqa: F401 (re-exported)
-from oreal.reward.advantages import rloo_advantages
-from oreal.token_rm import token_rm_loss
+from oreal.runtime.distributed import all_reduce_sum
+from oreal.algorithms.filtering import select_samples
+from oreal.algorithms.loss_terms import loss_term_sums
+from oreal.runtime.metrics import MetricsLogger
+from oreal.algorithms.loop import BaseTrainer, PhaseTimer, _rate, apply_update, step_seed  # noqa: F401 (re-exported)
+from oreal.algorithms.advantages import rloo_advantages
+from oreal.algorithms.token_rm import token_rm_loss
 
 # Every key below is in every line of metrics.jsonl ("nan" where a step had nothing to measure).
 REQUIRED_METRICS = (
@@ -220,18 +220,19 @@ class Trainer(BaseTrainer):
 
 
 def trainer_class(algorithm: str) -> type[BaseTrainer]:
-    """The trainer of `--algorithm`: OREAL's (here), or GRPO's / PPO's (`oreal.recipes`)."""
+    """The trainer of `--algorithm`: OREAL's (here), or GRPO's / PPO's (`oreal.algorithms`)."""
     if algorithm == "oreal":
         return Trainer
-    from oreal.recipes import recipe_trainer
+    from oreal.algorithms import recipe_trainer
 
     return recipe_trainer(algorithm)
 
 
 def run(cfg: Config) -> int:
     """Build everything, train, clean up. Returns the process exit code."""
-    from oreal.components import SetupError, build
-    from oreal.distributed import init_distributed
+    from oreal.algorithms.assemble import build
+    from oreal.runtime.setup_errors import SetupError
+    from oreal.runtime.distributed import init_distributed
 
     ctx = init_distributed(cfg.train.device)
     torch.manual_seed(cfg.train.seed)

@@ -1,5 +1,5 @@
 """What every algorithm's trainer shares: rollouts, judging, gathering samples, updates, metrics, evaluation,
-checkpoints and the loop. Each algorithm's `train_step` (OREAL in `oreal.trainer`, GRPO and PPO in this
+checkpoints and the loop. Each algorithm's `train_step` (OREAL in `oreal.algorithms.oreal`, GRPO and PPO in this
 package) is written top to bottom on these pieces.
 
 Gradient scale (all algorithms): each micro-batch's loss is normalised by global counts (all ranks, all
@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from oreal.checkpoint import CheckpointManager, export_hf, latest_checkpoint
-from oreal.components import param_dtype
-from oreal.config import Config
-from oreal.distributed import DistContext, all_reduce_sum
-from oreal.evaluation import BEST_METRIC, evaluate
-from oreal.metrics import MetricsLogger
+from oreal.runtime.checkpoint import CheckpointManager, export_hf, latest_checkpoint
+from oreal.runtime.build import param_dtype
+from oreal.runtime.config import Config
+from oreal.runtime.distributed import DistContext, all_reduce_sum
+from oreal.runtime.evaluation import BEST_METRIC, evaluate
+from oreal.runtime.metrics import MetricsLogger
 
 
 class PhaseTimer:

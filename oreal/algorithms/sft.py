@@ -1,10 +1,10 @@
 """Supervised fine-tuning: the initial policy that OREAL's RL starts from.
 
-    torchrun --nproc_per_node 2 -m oreal.sft --config configs/demo_cpu.py [--steps N] [--output-dir DIR] [--a.b v]
+    torchrun --nproc_per_node 2 -m oreal.algorithms.sft --config configs/demo_cpu.py [--steps N] [--output-dir DIR] [--a.b v]
 
 The config file defines `sft_config()` returning an `SFTConfig`; options are overridden from the
 command line by their dotted path, as with `oreal-train`. The data is a JSONL file of worked
-problems (`problem` + `solution`, as `oreal.data.synthetic.write_jsonl` writes them).
+problems (`problem` + `solution`, as the demo's `oreal.demo.task.write_jsonl` writes them; read by `oreal.data.sft_records`).
 
 The model is either built from scratch (a byte-level BPE tokenizer trained in-process on the SFT
 data and a tiny random Qwen2; nothing is downloaded) or loaded from `model.init_path`. Training
@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from oreal.config import ConfigError, OptimConfig, format_config, option_paths, set_option
+from oreal.runtime.config import ConfigError, OptimConfig, format_config, option_paths, set_option
 
 INIT_DIR = "init_model"
 HF_DIR = "hf"
@@ -132,7 +132,7 @@ def load_sft_config(path: str | Path, factory: str = "sft_config") -> SFTConfig:
         raise ConfigError(f"--config {path}: the file must define a function `{factory}()` returning an SFTConfig")
     cfg = make()
     if not isinstance(cfg, SFTConfig):
-        raise ConfigError(f"--config {path}: {factory}() returned {type(cfg).__name__}, expected oreal.sft.SFTConfig")
+        raise ConfigError(f"--config {path}: {factory}() returned {type(cfg).__name__}, expected oreal.algorithms.sft.SFTConfig")
     return cfg
 
 
@@ -175,10 +175,10 @@ def parse_args(argv: list[str]) -> tuple[SFTConfig, bool]:
 # --------------------------------------------------------------------------------------------------
 
 def load_examples(cfg: SFTConfig) -> list[dict]:
-    from oreal.data.synthetic import read_jsonl
+    from oreal.data.sft_records import read_sft_records
 
     try:
-        records = read_jsonl(cfg.data.train_file)
+        records = read_sft_records(cfg.data.train_file)
     except ValueError as exc:
         raise ConfigError(f"--data.train_file: {exc}") from None
     if cfg.data.max_examples:
@@ -255,13 +255,13 @@ def train(cfg: SFTConfig) -> Path | None:
     import torch
     import torch.distributed as dist
 
-    from oreal.checkpoint import export_hf
-    from oreal.components import build_optimizer, load_tokenizer
-    from oreal.data import Rollout, pack_rollouts
-    from oreal.distributed import all_reduce_sum, init_distributed, shard
-    from oreal.metrics import MetricsLogger
+    from oreal.runtime.checkpoint import export_hf
+    from oreal.runtime.build import build_optimizer, load_tokenizer
+    from oreal.data import TrainingSample, pack_rollouts
+    from oreal.runtime.distributed import all_reduce_sum, init_distributed, shard
+    from oreal.runtime.metrics import MetricsLogger
     from oreal.model import load_causal_lm
-    from oreal.policy import LossCoefficients, PolicyWithLoss
+    from oreal.algorithms.policy import LossCoefficients, PolicyWithLoss
 
     ctx = init_distributed("cpu" if not torch.cuda.is_available() else "auto")
     out = Path(cfg.output_dir)
@@ -305,7 +305,7 @@ def train(cfg: SFTConfig) -> Path | None:
                     order = list(range(len(examples)))
                     rng.shuffle(order)
                 chosen.append(order.pop())
-            rollouts = [Rollout(examples[i][0], examples[i][1], advantage=1.0, is_positive=True) for i in chosen]
+            rollouts = [TrainingSample(examples[i][0], examples[i][1], advantage=1.0, is_positive=True) for i in chosen]
             batches, _ = pack_rollouts(rollouts, max_tokens=cfg.train.micro_batch_tokens, world_size=ctx.world_size,
                                        rank=ctx.rank, pad_token_id=pad_id)
             num_actions = sum(len(r.response_ids) for r in rollouts)  # global: every rank holds the whole list
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, print_config = parse_args(argv)
     except ConfigError as exc:
-        print(f"oreal.sft: error: {exc}", file=sys.stderr)
+        print(f"oreal.algorithms.sft: error: {exc}", file=sys.stderr)
         return 2
     if print_config:
         print(format_config(cfg))
@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exported = train(cfg)
     except ConfigError as exc:
-        print(f"oreal.sft: error: {exc}", file=sys.stderr)
+        print(f"oreal.algorithms.sft: error: {exc}", file=sys.stderr)
         return 2
     if exported is not None:
         print(f"sft: wrote {exported}", flush=True)
@@ -369,6 +369,6 @@ __all__ = ["SFTConfig", "SFTDataConfig", "SFTModelConfig", "SFTTrainConfig", "lo
 if __name__ == "__main__":
     # Run the importable module's main, so that config files and this code share one `SFTConfig` class
     # (under `python -m`, this file is `__main__`, a second copy of the module).
-    from oreal.sft import main as _main
+    from oreal.algorithms.sft import main as _main
 
     sys.exit(_main())

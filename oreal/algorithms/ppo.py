@@ -28,12 +28,12 @@ import time
 
 import torch
 
-from oreal.distributed import all_reduce_sum
-from oreal.ppo import (clipped_value_loss, explained_variance_from_sums, moment_sums, residual_sums,
+from oreal.runtime.distributed import all_reduce_sum
+from oreal.algorithms.ppo_family import (clipped_value_loss, explained_variance_from_sums, moment_sums, residual_sums,
                        whiten)
-from oreal.recipes.base import PhaseTimer
-from oreal.recipes.clipped import CLIPPED_METRICS, ClippedUpdateTrainer, Minibatch, PolicyPassStats
-from oreal.reward.advantages import gae_advantages, kl_penalized_rewards
+from oreal.algorithms.loop import PhaseTimer
+from oreal.algorithms.clipped import CLIPPED_METRICS, ClippedUpdateTrainer, Minibatch, PolicyPassStats
+from oreal.algorithms.advantages import gae_advantages, kl_penalized_rewards
 
 PPO_METRICS = CLIPPED_METRICS + (
     "critic/value_loss", "critic/explained_variance", "critic/value_mean", "critic/return_mean",

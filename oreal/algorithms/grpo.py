@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import time
 
-from oreal.recipes.base import PhaseTimer
-from oreal.recipes.clipped import ClippedUpdateTrainer, PolicyPassStats
-from oreal.reward.advantages import group_normalized_advantages
+from oreal.algorithms.loop import PhaseTimer
+from oreal.algorithms.clipped import ClippedUpdateTrainer, PolicyPassStats
+from oreal.algorithms.advantages import group_normalized_advantages
 
 
 class GRPOTrainer(ClippedUpdateTrainer):
