@@ -192,7 +192,7 @@ def _proc_status():
 def _relative_errors(outputs, batch, reference_path):
     import torch
 
-    ref = torch.load(reference_path)
+    ref = torch.load(reference_path, weights_only=True)  # tensors only: never unpickle a results file
     ours = dict(loss=outputs[0], logprobs=outputs[1], entropy=outputs[2], grad_hidden=batch["hidden"].grad,
                 grad_weight=batch["weight"].grad)
     errors = {}

@@ -18,6 +18,15 @@ bandwidth; the element-wise kernels are memory-bound, so their floor is the byte
 row kernel, `model_bytes` is what it actually moves (two reads of the fp32 logits: a 600 KiB row
 does not stay on chip between its passes), against `bytes`, the unavoidable one read and one write.
 
+`roofline` (per model; `roofline_lines`): one line per kernel of each GPU path (Triton, native),
+with its FLOPs and DRAM bytes over the batch, the compute-bound time (FLOPs / peak) and the
+memory-bound time (bytes / bandwidth) on H100 and A100, and an estimate: operand streaming overlaps
+the tensor cores, so a kernel takes max(compute, streamed bytes); bytes a GEMM writes or
+read-modify-writes in its epilogue after its main loop overlap only when another CTA shares the SM
+(occupancy from the sm_90a/sm_80 registers and shared memory of this report; cuBLAS's persistent
+Hopper/Ampere GEMMs overlap them), else they add. `floor_s` is 6 T H V FLOPs at peak: nothing that
+computes the loss's three matmuls can beat it. kernels/README.md explains each line.
+
 `checks` (also the exit code, non-zero when one fails): zero spills in every compiled kernel at
 every architecture, and HGMMA instructions in each Triton matmul kernel on sm_90a.
 """
@@ -42,6 +51,10 @@ CSRC = ROOT / "csrc"
 MODELS = {"qwen2.5-7b": (3584, 152064), "qwen2.5-32b": (5120, 152064)}
 H100_BF16_FLOPS = 989e12
 H100_BYTES_PER_S = 3.35e12
+# (dense bf16 tensor-core FLOP/s, HBM bytes/s, registers and shared memory per SM) of the SXM parts
+GPUS = {"h100": dict(flops=H100_BF16_FLOPS, bytes_per_s=H100_BYTES_PER_S, arch="sm_90a", regs=65536,
+                     smem=228 << 10),
+        "a100": dict(flops=312e12, bytes_per_s=2.039e12, arch="sm_80", regs=65536, smem=164 << 10)}
 TRITON_MATMULS = ("logits_lse_fwd", "grad_hidden", "grad_weight")
 BF16 = 2
 
@@ -164,8 +177,8 @@ def sass_counts(cuobjdump: str, cubin: str) -> dict[str, Counter]:
 
 def default_cuda_chunk(tokens: int, vocab: int) -> int:
     """Rows per chunk of the native CUDA path (csrc/linear_logprob.cpp, default_chunk_size): the fp32
-    [chunk, V] logit buffer capped at 1 GiB, chunks of equal size."""
-    cap = max(1, (1 << 30) // (4 * vocab))
+    [chunk, V] logit buffer capped at 2 GiB, chunks of equal size."""
+    cap = max(1, (2 << 30) // (4 * vocab))
     if tokens <= cap:
         return tokens
     chunks = -(-tokens // cap)
@@ -245,6 +258,117 @@ def cuda_rows(archs: list[int], tokens: int, num_seqs: int) -> tuple[list[dict],
 
 
 # ----------------------------------------------------------------------------------------------
+# Roofline: one line per kernel of each GPU path, summed against the 6 T H V floor
+# ----------------------------------------------------------------------------------------------
+
+def triton_chunk(tokens: int, vocab: int) -> int:
+    """Tokens per chunk of the Triton path (oreal_kernels.configs.default_chunk_tokens, bf16)."""
+    import torch
+    from oreal_kernels import configs
+
+    return configs.default_chunk_tokens(tokens, vocab, torch.bfloat16)
+
+
+def occupancy(row: dict | None, gpu: dict) -> int:
+    """CTAs per SM of a compiled kernel from its registers and shared memory (1 when unknown)."""
+    if not row or not row.get("registers"):
+        return 1
+    threads = 32 * row.get("num_warps", 4)
+    by_regs = gpu["regs"] // (-(-row["registers"] // 8) * 8 * threads)
+    smem = row.get("shared_dynamic", 0) + row.get("shared_static", 0)
+    by_smem = gpu["smem"] // smem if smem else 32
+    return max(1, min(by_regs, by_smem))
+
+
+def _line(kernel, flops, streamed, epilogue, overlapped, gpu, why):
+    t_compute = flops / gpu["flops"]
+    t_stream = streamed / gpu["bytes_per_s"]
+    t_epilogue = epilogue / gpu["bytes_per_s"]
+    estimate = max(t_compute, t_stream + t_epilogue) if overlapped else max(t_compute, t_stream) + t_epilogue
+    return {"kernel": kernel, "flops": float(flops), "bytes": float(streamed + epilogue),
+            "epilogue_bytes": float(epilogue), "epilogue_overlapped": overlapped,
+            "compute_s": t_compute, "memory_s": t_stream + t_epilogue, "estimate_s": estimate, "why": why}
+
+
+def roofline_lines(path: str, hidden: int, vocab: int, tokens: int, gpu: dict, rows: list[dict]) -> list[dict]:
+    """The kernels of one fused-loss step (forward + backward, bf16) on the `path` ("triton" or "native")."""
+    b, T, H, V = BF16, tokens, hidden, vocab
+    gemm = 2.0 * T * V * H
+    if path == "triton":
+        chunks = -(-T // triton_chunk(T, V))
+        compiled = {r["kernel"]: r for r in rows if r.get("source") == "triton" and r.get("arch") == gpu["arch"]
+                    and r.get("hidden") == hidden}
+        over = {k: occupancy(compiled.get(k), gpu) >= 2 for k in ("logits_lse_fwd", "grad_hidden", "grad_weight")}
+        return [
+            _line("logits_lse_fwd", gemm, T * H * b + chunks * V * H * b, T * V * b + 16 * T * 64,
+                  over["logits_lse_fwd"], gpu, "z = h W^T on tensor cores; streams h and W once per chunk, "
+                  "stores the bf16 logits and (max, sum, dot, stored-sum) partials"),
+            _line("softmax_grad", 4.0 * T * V, 2 * T * V * b, 0, True, gpu,
+                  "reads the stored logits, writes dz in place: memory-bound"),
+            _line("grad_hidden", gemm, T * V * b + chunks * V * H * b, T * H * b, over["grad_hidden"], gpu,
+                  "dz @ W; its epilogue writes only T x H"),
+            _line("grad_weight", gemm, T * V * b + T * H * b,
+                  4 * V * H + (chunks - 1) * 8 * V * H, over["grad_weight"], gpu,
+                  f"dz^T @ h into the fp32 [V, H] buffer: written by the first of {chunks} chunks, read and "
+                  "written by each later one"),
+            _line("token_rm_weights", 10.0 * T, T * (4 + 8 + 4), 0, True, gpu, "segmented scan, T floats"),
+        ]
+    chunks = -(-T // default_cuda_chunk(T, V))
+    return [
+        _line("logits (cuBLAS, fp32 out)", gemm, T * H * b + chunks * V * H * b, T * V * 4, True, gpu,
+              "bf16 GEMM with fp32 output (exact log-softmax inputs); persistent cuBLAS kernels overlap "
+              "the epilogue"),
+        _line("row_pass (CUDA)", 11.0 * T * V, T * V * (8 + b), 0, True, gpu,
+              "one block per row: the fp32 row read twice (600 KiB does not stay on chip), dz written in bf16"),
+        _line("grad_hidden (cuBLAS)", gemm, T * V * b + chunks * V * H * b, T * H * b, True, gpu, "dz @ W"),
+        _line("grad_weight (cuBLAS GemmEx)", gemm, T * V * b + T * H * b, 4 * V * H + (chunks - 1) * 8 * V * H,
+              True, gpu, f"fp32-accumulating GEMM over {chunks} chunks (beta = 0 on the first)"),
+        _line("token_rm_weights (CUDA)", 10.0 * T, T * (4 + 8 + 4), 0, True, gpu, "segmented scan"),
+    ]
+
+
+# `backend="auto"` on a CUDA device picks the native kernels when they are built (oreal/ops/backends.py).
+AUTO_CUDA_PATH = "native"
+
+
+def roofline(tokens: int, rows: list[dict]) -> dict:
+    """Per model: floor and estimated H100 time of the default GPU path, the paths' lines on H100 and A100."""
+    result = {}
+    for model, (hidden, vocab) in MODELS.items():
+        entry = {"floor_s": 6.0 * tokens * hidden * vocab / H100_BF16_FLOPS, "tokens": tokens, "hidden": hidden,
+                 "vocab": vocab, "path": AUTO_CUDA_PATH, "gpus": {}}
+        for name, gpu in GPUS.items():
+            floor = 6.0 * tokens * hidden * vocab / gpu["flops"]
+            paths = {}
+            for path in ("triton", "native"):
+                lines = roofline_lines(path, hidden, vocab, tokens, gpu, rows)
+                total = sum(line["estimate_s"] for line in lines)
+                paths[path] = {"estimate_s": total, "vs_floor": total / floor, "lines": lines}
+            entry["gpus"][name] = {"floor_s": floor, "paths": paths}
+        entry["estimate_s"] = entry["gpus"]["h100"]["paths"][AUTO_CUDA_PATH]["estimate_s"]
+        entry["vs_floor"] = entry["estimate_s"] / entry["floor_s"]
+        result[model] = entry
+    return result
+
+
+def roofline_markdown(report: dict) -> list[str]:
+    lines = ["", "Roofline (bf16, one forward + backward step; ms; estimate = max(compute, streamed bytes) "
+             "+ epilogue bytes not overlapped):", "",
+             "| model | gpu | path | kernel | GFLOP | GB | compute ms | memory ms | estimate ms |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for model, entry in report["roofline"].items():
+        for gpu, info in entry["gpus"].items():
+            for path, data in info["paths"].items():
+                for line in data["lines"]:
+                    lines.append(f"| {model} | {gpu} | {path} | {line['kernel']} | {line['flops'] / 1e9:.0f} "
+                                 f"| {line['bytes'] / 1e9:.2f} | {line['compute_s'] * 1e3:.2f} "
+                                 f"| {line['memory_s'] * 1e3:.2f} | {line['estimate_s'] * 1e3:.2f} |")
+                lines.append(f"| {model} | {gpu} | {path} | **total** (floor {info['floor_s'] * 1e3:.1f} ms) | | | | "
+                             f"| **{data['estimate_s'] * 1e3:.1f} ({data['vs_floor']:.2f}x floor)** |")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------
 
@@ -275,6 +399,8 @@ def markdown(report: dict) -> str:
                      f"| {cell('spills')} | {'-' if smem is None else smem} | {cell('HGMMA')} | {cell('HMMA')} "
                      f"| {r.get('launches', '-')} | {r['flops'] / 1e9:.1f} | {r['bytes'] / 1e9:.2f} "
                      f"| {r['h100_floor_s'] * 1e3:.3f} |")
+    if report.get("roofline"):
+        lines += roofline_markdown(report)
     lines += ["", "Checks: " + ", ".join(f"{k} = {v}" for k, v in report["checks"].items() if not isinstance(v, list))]
     if report["errors"]:
         lines += ["", "Errors: " + "; ".join(report["errors"])]
@@ -321,9 +447,10 @@ def main(argv=None) -> int:
         errors += errs
     report = {"tokens": args.tokens, "archs": archs, "models": MODELS, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "versions": versions(), "tools": tools, "h100": {"bf16_flops": H100_BF16_FLOPS,
-                                                               "bytes_per_s": H100_BYTES_PER_S},
+                                                               "bytes_per_s": H100_BYTES_PER_S}, "gpus": GPUS,
               "rows": rows, "errors": errors}
     report["checks"] = checks(rows, archs)
+    report["roofline"] = roofline(args.tokens, rows)
     table = markdown(report)
     print(table)
     if args.json:

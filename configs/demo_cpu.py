@@ -59,6 +59,8 @@ def sft_config() -> SFTConfig:
         optim=OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=10, weight_decay=0.0, grad_clip=1.0),
         train=SFTTrainConfig(steps=800, sequences_per_step=64, micro_batch_tokens=512, loss_backend="auto", seed=0,
                              log_interval=20),
+        checkpoint=CheckpointConfig(interval=0, keep_last=1, export_hf=True),  # one checkpoint, at the end
+        log=LogConfig(tensorboard=False, progress_bar=False),
     )
 
 
@@ -70,13 +72,13 @@ def config() -> Config:
                         samples_per_prompt=8, template=TEMPLATE, system_prompt="", instruction=INSTRUCTION,
                         max_prompt_tokens=96),
         rollout=RolloutConfig(engine="hf", temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW_TOKENS,
-                              max_total_tokens=160, stop_words=[STOP_WORD], engine_threads=1, timeout_s=600.0,
+                              max_total_tokens=160, stop_words=[STOP_WORD], timeout_s=600.0,
                               sync_bucket_mb=16),
-        judge=JudgeConfig(stop_word=STOP_WORD, timeout_s=2.0, num_workers=1),
+        judge=JudgeConfig(stop_word=STOP_WORD, timeout_s=2.0),
         loss=LossConfig(kl_coef=0.01, pos_coef=1.0, neg_coef=0.5, filter_groups=True, use_token_rm=True),
         policy_optim=OptimConfig(lr=1e-4, min_lr=1e-5, warmup_steps=5, weight_decay=0.0, grad_clip=1.0),
         rm_optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=2, weight_decay=0.0, grad_clip=1.0),
-        train=TrainConfig(steps=100, freeze_policy_steps=3, micro_batch_tokens=512, seed=0, device="cpu"),
+        train=TrainConfig(steps=100, freeze_policy_steps=3, seed=0, device="cpu"),
         checkpoint=CheckpointConfig(interval=0, keep_last=1, export_hf=True),
         # greedy held-out pass@1 (the demo also reports it sampled at the rollout temperature)
         eval=EvalConfig(files=[f"{OUTPUT}/data/heldout.jsonl"], interval=20, at_start=False, samples=1,

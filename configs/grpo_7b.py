@@ -4,16 +4,18 @@ Values from RLinf's `examples/reasoning/config/math/qwen2.5-7b-grpo-megatron.yam
 `grpo-7b`, RLinf/RLinf commit 5b56425). Everything is as in configs/grpo_1p5b.py (see its table)
 except:
 
-| RLinf key                  | 1.5B | 7B  | here                        |
-|----------------------------|------|-----|-----------------------------|
-| rollout.model_dir          |      |     | DeepSeek-R1-Distill-Qwen-7B |
-| algorithm.group_size       | 16   | 32  | data.samples_per_prompt 32  |
-| actor.optim.clip_grad      | 0.8  | 1.0 | policy_optim.grad_clip 1.0  |
+| RLinf key                       | 1.5B  | 7B    | here                                          |
+|---------------------------------|-------|-------|-----------------------------------------------|
+| rollout.model_dir               |       |       | DeepSeek-R1-Distill-Qwen-7B                   |
+| algorithm.group_size            | 16    | 32    | data.samples_per_prompt 32                    |
+| actor.optim.clip_grad           | 0.8   | 1.0   | policy_optim.grad_clip 1.0                    |
+| algorithm.use_valid_token_scale | False | True  | ppo.loss_agg "step_token": each minibatch's   |
+|                                 |       |       | token sum / the whole step's token count      |
+| algorithm.recompute_logprobs    | True  | False | ppo.old_logprobs "engine" (the sampler's)     |
+| algorithm.shuffle_rollout       | False | True  | ppo.shuffle True                              |
 
-(RLinf's 7B file also sets `use_valid_token_scale: True`, i.e. the token mean over the whole global
-batch, which is what `ppo.loss_agg token` does with its global token count, and `shuffle_rollout:
-True`, which the minibatch split does every step.) 512 prompts x 32 samples = 16,384 responses a
-step, trained in 4 minibatches of 4,096.
+512 prompts x 32 samples = 16,384 responses a step, trained in 4 minibatches of 4,096. Every
+element against the original: configs/README.md.
 
     torchrun --nproc_per_node 4 -m oreal.train --config configs/grpo_7b.py --output-dir runs/grpo_7b
 """
@@ -29,4 +31,7 @@ def config() -> Config:
     cfg.model.path = "models/DeepSeek-R1-Distill-Qwen-7B"
     cfg.data.samples_per_prompt = 32
     cfg.policy_optim.grad_clip = 1.0
+    cfg.ppo.loss_agg = "step_token"
+    cfg.ppo.old_logprobs = "engine"
+    cfg.ppo.shuffle = True
     return cfg

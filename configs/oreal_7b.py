@@ -4,19 +4,33 @@ From the SFT model OREAL-7B-SFT: 64 prompts per step, 16 samples each, sampled a
 and top-p 0.9 with 16k total length; RLOO advantages; one correct and one wrong sample kept per
 prompt; policy AdamW lr 5e-7 cosine to 1e-7, token-level RM lr 2e-6 cosine to 4e-7, 10 warm-up
 steps, weight decay 0.01, gradient clip 1.0; the policy frozen for the first 10 steps while the token
-RM learns; KL 0.01 against the frozen initial policy; positive / negative loss factors 1.0 / 0.5;
-90 steps.
+RM learns (its warm-up runs during them, so its first update is at 5e-7, then cosine over 80 steps);
+KL 0.01 against the frozen initial policy; positive / negative loss factors 1.0 / 0.5; 90 steps.
+Every element against the original: configs/README.md.
 
-Launch on one 8-GPU node: 4 trainer ranks (FSDP2) and the vLLM engine on the other 4 GPUs:
+The judge is OREAL's: the rules, then the LLM verifier (Qwen2.5-72B-Instruct, OpenAI-compatible) on
+every finished response the rules reject. Give its servers with `--judge.verifier_hosts HOST:PORT,...`
+or `OREAL_VERIFIER_HOSTS`; without one the run warns that its rewards differ from the paper's.
 
-    torchrun --nproc_per_node 4 -m oreal.train --config configs/oreal_7b.py --output-dir runs/oreal_7b
+The paper's cluster: 4 nodes of 8 GPUs. This file places the rollouts on dedicated GPUs: on every node,
+GPUs 0-3 hold 4 trainer ranks (16 FSDP2 ranks in all) and GPUs 4-7 two vLLM engines of tensor-parallel
+size 2, started and fed by the node's local rank 0 (8 data-parallel engines in all):
+
+    torchrun --nnodes 4 --nproc_per_node 4 --rdzv-endpoint HOST:PORT -m oreal.train \
+        --config configs/oreal_7b.py --output-dir runs/oreal_7b
+
+`configs/oreal_7b_colocated.py` is the other placement: 8 ranks per node, all 32 GPUs train and generate
+(16 engines of tensor-parallel size 2 made of trainer ranks, asleep while the policy trains). README.md,
+"Rollout placements", says when to choose which.
 
 Point `--model.path` at a local copy of internlm/OREAL-7B-SFT and `--data.train_files` at a local
 copy of internlm/OREAL-RL-Prompts (nothing is downloaded at run time).
 """
 
+import os
+
 from oreal.runtime.config import (CheckpointConfig, Config, DataConfig, EvalConfig, JudgeConfig, LossConfig, ModelConfig,
-                          OptimConfig, RolloutConfig, TrainConfig)
+                                  OptimConfig, RolloutConfig, TrainConfig, verifier_hosts_from_env)
 
 # OREAL's system prompt (its chat template's default system message), verbatim.
 OREAL_SYSTEM_PROMPT = (
@@ -47,6 +61,13 @@ OREAL_SYSTEM_PROMPT = (
 
 STOP_WORD = "<|im_end|>"
 
+# Where the rollouts run on 4 nodes x 8 GPUs (torchrun --nproc_per_node 4: GPUs 0-3 train on every node).
+# TP 2 rather than 1: a step's rollout time is set by its longest (14k-token) response, and TP 2 halves the
+# per-token latency of that tail (benchmarks/results/rollout.md, paper model). The colocated placement of the
+# same cluster is configs/oreal_7b_colocated.py.
+DEDICATED_ROLLOUT = dict(placement="dedicated", num_engines=8, tensor_parallel_size=2, gpus="4,5,6,7",
+                         gpu_memory_utilization=0.85)
+
 
 def config() -> Config:
     return Config(
@@ -67,9 +88,11 @@ def config() -> Config:
             max_prompt_tokens=2048,
         ),
         rollout=RolloutConfig(engine="vllm", temperature=1.0, top_p=0.9, top_k=0, max_new_tokens=14000,
-                              max_total_tokens=16384, stop_words=[STOP_WORD], tensor_parallel_size=4,
-                              gpus="4,5,6,7"),
-        judge=JudgeConfig(stop_word=STOP_WORD, thinking_finish_words=["<conclude>", "**Final Answer**", "</think>"]),
+                              max_total_tokens=16384, stop_words=[STOP_WORD], **DEDICATED_ROLLOUT),
+        judge=JudgeConfig(stop_word=STOP_WORD, thinking_finish_words=["<conclude>", "**Final Answer**", "</think>"],
+                          verifier_hosts=verifier_hosts_from_env(),
+                          verifier_model=os.environ.get("OREAL_VERIFIER_MODEL", "Qwen/Qwen2.5-72B-Instruct"),
+                          verifier_expected=True),
         loss=LossConfig(kl_coef=0.01, pos_coef=1.0, neg_coef=0.5, filter_groups=True, use_token_rm=True),
         policy_optim=OptimConfig(lr=5e-7, min_lr=1e-7, warmup_steps=10, weight_decay=0.01, grad_clip=1.0),
         rm_optim=OptimConfig(lr=2e-6, min_lr=4e-7, warmup_steps=10, weight_decay=0.01, grad_clip=1.0),

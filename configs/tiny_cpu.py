@@ -1,6 +1,6 @@
 """A tiny OREAL run for a machine without a GPU (and for the trainer's end-to-end tests).
 
-Everything is built offline: a random Qwen2 of ~40k parameters and a byte-level BPE tokenizer
+Everything is built offline: a random Qwen2 of ~50k parameters and a byte-level BPE tokenizer
 trained in-process on the prompts (written once to `<output_dir>/tiny_model`), the transformers
 rollout engine in its own process, gloo between the trainer ranks. The prompts are one-digit
 arithmetic (configs/data/): a random model answers them right now and then by chance (the
@@ -22,8 +22,9 @@ DATA = Path(__file__).resolve().parent / "data"
 def config() -> Config:
     return Config(
         output_dir="outputs/tiny_cpu",
-        model=ModelConfig(tiny=TinyModelConfig(enabled=True, tokenizer="word", hidden_size=32, num_layers=2, num_heads=4,
-                                               num_kv_heads=2, intermediate_size=64, vocab_size=512, seed=0),
+        # head_dim 32 (64 / 2 heads, one KV head): the smallest head size vLLM's CPU attention runs (--rollout.engine vllm)
+        model=ModelConfig(tiny=TinyModelConfig(enabled=True, tokenizer="word", hidden_size=64, num_layers=2, num_heads=2,
+                                               num_kv_heads=1, intermediate_size=64, vocab_size=512, seed=0),
                           attn_backend="sdpa", param_dtype="float32"),
         data=DataConfig(train_files=[str(DATA / "tiny_arith_train.jsonl")], format="math", prompts_per_step=8,
                         samples_per_prompt=4, template="chat", system_prompt="", instruction="",

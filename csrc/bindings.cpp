@@ -2,10 +2,13 @@
 // blocks, and the registration of three torch.library custom ops in the namespace `oreal_native`:
 //
 //   oreal_native::linear_logprob_loss_fwd(hidden, weight, labels, pg_coef, ref_logprobs?, kl_weight,
-//       temperature, chunk_size, grad_hidden, grad_weight) -> (loss, logprobs, entropy, grad_hidden, grad_weight)
+//       temperature, chunk_size, grad_hidden, grad_weight)
+//       -> (loss, logprobs, entropy, grad_hidden, grad_weight, grad_scale)
 //   oreal_native::linear_policy_loss_fwd(hidden, weight, labels, advantages, old_logprobs, token_scale,
 //       ref_logprobs?, kl_scale, clip_low, clip_high, temperature, chunk_size, grad_hidden, grad_weight)
-//       -> (loss, logprobs, entropy, grad_hidden, grad_weight)      [PPO's clipped surrogate]
+//       -> (loss, logprobs, entropy, grad_hidden, grad_weight, grad_scale)      [PPO's clipped surrogate]
+//
+// The gradients are stored times grad_scale (a power of two, see grad_store.h); backward divides it out.
 //   oreal_native::token_rm_weights(rm_scores, labels, cu_seqlens, is_positive) -> weights
 //
 // Their fake (meta) implementations and the autograd formula live in oreal/ops/native.py. The
@@ -13,11 +16,13 @@
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <vector>
 
+#include "grad_store.h"
 #include "kernels.h"
 #include "linear_logprob.h"
 #include "params.h"
@@ -89,7 +94,7 @@ LinearLogprobArgs linear_args(const char* op, const at::Tensor& hidden, const at
   return args;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprob_loss_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_logprob_loss_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& pg_coef,
     const c10::optional<at::Tensor>& ref_logprobs, const at::Tensor& kl_weight, double temperature,
     int64_t chunk_size, bool grad_hidden, bool grad_weight) {
@@ -110,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lo
   return linear_logprob_forward(args);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_policy_loss_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_policy_loss_fwd(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& labels, const at::Tensor& advantages,
     const at::Tensor& old_logprobs, const at::Tensor& token_scale, const c10::optional<at::Tensor>& ref_logprobs,
     const at::Tensor& kl_scale, double clip_low, double clip_high, double temperature, int64_t chunk_size,
@@ -202,12 +207,12 @@ TORCH_LIBRARY(oreal_native, m) {
   m.def(
       "linear_logprob_loss_fwd(Tensor hidden, Tensor weight, Tensor labels, Tensor pg_coef, "
       "Tensor? ref_logprobs, Tensor kl_weight, float temperature, int chunk_size, bool grad_hidden, "
-      "bool grad_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool grad_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "linear_policy_loss_fwd(Tensor hidden, Tensor weight, Tensor labels, Tensor advantages, "
       "Tensor old_logprobs, Tensor token_scale, Tensor? ref_logprobs, Tensor kl_scale, float clip_low, "
       "float clip_high, float temperature, int chunk_size, bool grad_hidden, bool grad_weight) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("token_rm_weights(Tensor rm_scores, Tensor labels, Tensor cu_seqlens, Tensor is_positive) -> Tensor");
 }
 
@@ -234,4 +239,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("default_chunk_size", &oreal::default_chunk_size, "rows per chunk chosen when chunk_size is 0",
         pybind11::arg("num_tokens"), pybind11::arg("vocab_size"), pybind11::arg("on_cuda"));
+  // For the tests: the bits the row kernels store for each value (grad_store.h, host side).
+  m.def(
+      "lowp_store_bits",
+      [](const std::vector<float>& values, bool half) {
+        std::vector<uint16_t> bits(values.size());
+        const oreal::GradDType dtype = half ? oreal::GradDType::kFloat16 : oreal::GradDType::kBFloat16;
+        const size_t vec_end = values.size() - values.size() % 4;
+        for (size_t i = 0; i < vec_end; i += 4) {
+          oreal::store_lowp4(bits.data(), static_cast<int64_t>(i), values[i], values[i + 1], values[i + 2],
+                             values[i + 3], dtype);
+        }
+        for (size_t i = vec_end; i < values.size(); ++i) oreal::store_lowp(bits.data(), i, values[i], dtype);
+        return bits;
+      },
+      "bf16 (half=False) or fp16 bits of each value, as the row kernels store them", pybind11::arg("values"),
+      pybind11::arg("half"));
 }

@@ -22,20 +22,21 @@ namespace {
 #define OREAL_ISA_CLONES
 #endif
 
-OREAL_ISA_CLONES bool process_row_dispatch(const RowParams& p, int64_t r, float kl_weight) {
-  return cpu::process_row(p, r, kl_weight);
+OREAL_ISA_CLONES bool process_row_dispatch(const RowParams& p, int64_t r, float kl_weight, float sigma) {
+  return cpu::process_row(p, r, kl_weight, sigma);
 }
 
 }  // namespace
 
 int64_t row_pass_cpu(const RowParams& p) {
   const float kl_weight = p.kl_weight != nullptr ? *p.kl_weight : 0.0f;  // null in kClippedSurrogate
+  const float sigma = p.grad_scale != nullptr ? *p.grad_scale : 1.0f;
   int64_t first_bad_row = -1;
   const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), p.rows));
   // dynamic: on a loaded machine a descheduled thread's rows go to the one that is running
 #pragma omp parallel for schedule(dynamic, 4) num_threads(threads > 0 ? threads : 1)
   for (int64_t r = 0; r < p.rows; ++r) {
-    if (!process_row_dispatch(p, r, kl_weight)) {
+    if (!process_row_dispatch(p, r, kl_weight, sigma)) {
 #pragma omp critical(oreal_bad_label)
       if (first_bad_row < 0 || r < first_bad_row) first_bad_row = r;
     }

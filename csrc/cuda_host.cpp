@@ -18,7 +18,8 @@ void token_rm_weights_cuda(const TokenWeightParams& p) {
   C10_CUDA_CHECK(launch_token_rm_weights_cuda(p, at::cuda::getCurrentCUDAStream()));
 }
 
-void accumulate_grad_weight_lowp_cuda(at::Tensor& grad_weight, const at::Tensor& dz, const at::Tensor& h) {
+void accumulate_grad_weight_lowp_cuda(at::Tensor& grad_weight, const at::Tensor& dz, const at::Tensor& h,
+                                      bool overwrite) {
   TORCH_CHECK(grad_weight.scalar_type() == at::kFloat && grad_weight.is_contiguous(),
               "internal: grad_weight must be a contiguous fp32 buffer");
   TORCH_CHECK(dz.scalar_type() == h.scalar_type() && dz.stride(1) == 1 && h.stride(1) == 1,
@@ -29,7 +30,7 @@ void accumulate_grad_weight_lowp_cuda(at::Tensor& grad_weight, const at::Tensor&
   const int64_t hidden = h.size(1);
   const cudaDataType_t dtype = dz.scalar_type() == at::kBFloat16 ? CUDA_R_16BF : CUDA_R_16F;
   const float alpha = 1.0f;
-  const float beta = 1.0f;
+  const float beta = overwrite ? 0.0f : 1.0f;  // beta = 0: the buffer's old contents are never read
   // cuBLAS is column-major: the row-major [V, H] buffer is the column-major [H, V] matrix
   // C = h^T (H x n, h's rows as columns) times dz (n x V, dz's storage read transposed).
   TORCH_CUDABLAS_CHECK(cublasGemmEx(at::cuda::getCurrentCUDABlasHandle(), CUBLAS_OP_N, CUBLAS_OP_T,

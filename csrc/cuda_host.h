@@ -12,8 +12,10 @@ void row_pass_cuda(const RowParams& p, GradDType grad_dtype);
 void token_rm_weights_cuda(const TokenWeightParams& p);
 
 // grad_weight [V, H] fp32 += dz^T @ h with dz [n, V] and h [n, H] in bf16/fp16, accumulated in fp32
-// by cuBLAS (GemmEx, fp32 C and compute type). ATen's `addmm(..., out_dtype=float32)` requires the
-// added matrix in the input dtype, so it cannot accumulate into an fp32 buffer.
-void accumulate_grad_weight_lowp_cuda(at::Tensor& grad_weight, const at::Tensor& dz, const at::Tensor& h);
+// by cuBLAS (GemmEx, fp32 C and compute type); `overwrite`: = instead of += (beta 0, the first chunk,
+// so the buffer needs no zero fill). ATen's `addmm(..., out_dtype=float32)` requires the added
+// matrix in the input dtype, so it cannot accumulate into an fp32 buffer.
+void accumulate_grad_weight_lowp_cuda(at::Tensor& grad_weight, const at::Tensor& dz, const at::Tensor& h,
+                                      bool overwrite);
 
 }  // namespace oreal

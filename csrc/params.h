@@ -8,7 +8,8 @@
 
 namespace oreal {
 
-// The dtype the CUDA row kernel writes the logit gradient in (the fp32 path writes it in place).
+// The dtype the row kernels write the logit gradient in: fp32 in place over the logits, or bf16/fp16
+// bits into `RowParams::grad_lowp` (through grad_store.h, on the CPU and the GPU alike).
 enum class GradDType : int { kFloat32InPlace = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // Which per-token loss the row kernels apply to each log-prob (oreal_math.h has one function each).
@@ -22,7 +23,9 @@ enum class LossMode : int {
 // `write_grad`) the logit gradient dz, in place in `logits` or into `grad_lowp`.
 struct RowParams {
   float* logits = nullptr;              // [rows, vocab] fp32, row stride `vocab`
-  void* grad_lowp = nullptr;            // [rows, vocab] bf16/fp16 dz (CUDA low-precision path) or null
+  void* grad_lowp = nullptr;            // [rows, vocab] bf16/fp16 dz (low-precision inputs) or null
+  GradDType grad_dtype = GradDType::kFloat32InPlace;
+  const float* grad_scale = nullptr;    // 0-d: sigma, the power of two dz is stored times (grad_store.h)
   const int64_t* labels = nullptr;      // [rows] target ids, or -100 where the token is no action
   LossMode mode = LossMode::kOreal;
   const float* ref_logprobs = nullptr;  // [rows] reference log-probs, or null: no KL term

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "grad_store.h"
 #include "oreal_math.h"
 #include "params.h"
 
@@ -17,15 +18,24 @@ namespace oreal {
 namespace cpu {
 
 // Returns false when the row's label is neither the ignore index nor inside [0, vocab).
-__attribute__((always_inline)) inline bool process_row(const RowParams& p, int64_t r, float kl_weight) {
+// `sigma`: *p.grad_scale, read once per launch.
+__attribute__((always_inline)) inline bool process_row(const RowParams& p, int64_t r, float kl_weight, float sigma) {
   const int64_t vocab = p.vocab;
   float* __restrict__ z = p.logits + r * vocab;
+  const bool lowp = p.grad_dtype != GradDType::kFloat32InPlace;
+  uint16_t* __restrict__ out = lowp ? static_cast<uint16_t*>(p.grad_lowp) + r * vocab : nullptr;
   const int64_t label = p.labels[r];
   if (label == kIgnoreIndex || label < 0 || label >= vocab) {
     p.logprobs[r] = 0.0f;
     p.entropy[r] = 0.0f;
     p.token_loss[r] = 0.0f;
-    if (p.write_grad) std::memset(z, 0, sizeof(float) * vocab);
+    if (p.write_grad) {
+      if (lowp) {
+        std::memset(out, 0, sizeof(uint16_t) * vocab);
+      } else {
+        std::memset(z, 0, sizeof(float) * vocab);
+      }
+    }
     return label == kIgnoreIndex;
   }
   const float inv_t = p.inv_temperature;
@@ -63,12 +73,25 @@ __attribute__((always_inline)) inline bool process_row(const RowParams& p, int64
   p.entropy[r] = stats_entropy(stats);
   p.token_loss[r] = tl.loss;
   if (p.write_grad) {
-    const float scale = tl.grad * inv_t;
+    const float scale = stored_grad_scale(tl.grad, inv_t, sigma);
     const float inv_sum = 1.0f / sum;
     const float target_prob = z[label] * inv_sum;
+    if (lowp) {
+      // the CUDA kernel's store path (grad_store.h): 4-wide packed stores, then the tail
+      const GradDType dtype = p.grad_dtype;
+      const int64_t vec_end = vocab - vocab % 4;
+      for (int64_t v = 0; v < vec_end; v += 4) {
+        store_lowp4(out, v, logit_grad(z[v] * inv_sum, v == label, scale),
+                    logit_grad(z[v + 1] * inv_sum, v + 1 == label, scale),
+                    logit_grad(z[v + 2] * inv_sum, v + 2 == label, scale),
+                    logit_grad(z[v + 3] * inv_sum, v + 3 == label, scale), dtype);
+      }
+      for (int64_t v = vec_end; v < vocab; ++v) store_lowp(out, v, logit_grad(z[v] * inv_sum, v == label, scale), dtype);
+    } else {
 #pragma omp simd
-    for (int64_t v = 0; v < vocab; ++v) z[v] = logit_grad(z[v] * inv_sum, false, scale);
-    z[label] = logit_grad(target_prob, true, scale);
+      for (int64_t v = 0; v < vocab; ++v) z[v] = logit_grad(z[v] * inv_sum, false, scale);
+      z[label] = logit_grad(target_prob, true, scale);
+    }
   }
   return true;
 }

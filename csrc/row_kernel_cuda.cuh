@@ -3,8 +3,9 @@
 // Row kernel: pass 1 streams the row once, each thread keeping online softmax statistics
 // (oreal_math.h's stats_push) that a warp-shuffle + shared-memory tree merges (stats_merge);
 // thread 0 turns them into log-prob, entropy and the token's loss; pass 2 re-reads the row and
-// writes dz = g / T * (onehot - p), in place (fp32) or as bf16/fp16 for the low-precision GEMMs.
-// Rows whose length is a multiple of 4 use 16-byte loads and stores.
+// writes sigma * dz = sigma g / T * (onehot - p), in place (fp32) or as bf16/fp16 for the
+// low-precision GEMMs, through grad_store.h (the same code the CPU kernel stores with).
+// Rows whose length is a multiple of 4 use 16-byte loads and 16-byte (fp32) or 8-byte (16-bit) stores.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -13,6 +14,7 @@
 
 #include <type_traits>
 
+#include "grad_store.h"
 #include "oreal_math.h"
 #include "params.h"
 
@@ -47,14 +49,12 @@ __device__ __forceinline__ SoftmaxStats block_merge_stats(SoftmaxStats s) {
   return s;  // every warp reduced the same partials, so all threads agree
 }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+template <typename GradT>
+constexpr GradDType grad_dtype_of() {
+  return std::is_same<GradT, float>::value    ? GradDType::kFloat32InPlace
+         : std::is_same<GradT, __half>::value ? GradDType::kFloat16
+                                              : GradDType::kBFloat16;
+}
 
 // GradT: the dtype dz is written in. float: in place over the logits; otherwise into p.grad_lowp.
 template <typename GradT, int kThreads>
@@ -62,8 +62,9 @@ __global__ void __launch_bounds__(kThreads) row_pass_kernel(RowParams p) {
   const int64_t r = blockIdx.x;
   const int64_t vocab = p.vocab;
   float* z = p.logits + r * vocab;
-  GradT* out = std::is_same<GradT, float>::value ? reinterpret_cast<GradT*>(z)
-                                                 : reinterpret_cast<GradT*>(p.grad_lowp) + r * vocab;
+  constexpr bool kInPlace = std::is_same<GradT, float>::value;
+  constexpr GradDType kDType = grad_dtype_of<GradT>();
+  uint16_t* out = kInPlace ? nullptr : static_cast<uint16_t*>(p.grad_lowp) + r * vocab;
   const int64_t label = p.labels[r];
   const bool vec4 = (vocab % 4) == 0;
 
@@ -76,7 +77,13 @@ __global__ void __launch_bounds__(kThreads) row_pass_kernel(RowParams p) {
       p.token_loss[r] = bad;
     }
     if (p.write_grad) {
-      for (int64_t v = threadIdx.x; v < vocab; v += kThreads) out[v] = from_float<GradT>(0.0f);
+      for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
+        if constexpr (kInPlace) {
+          z[v] = 0.0f;
+        } else {
+          out[v] = 0;
+        }
+      }
     }
     return;
   }
@@ -108,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) row_pass_kernel(RowParams p) {
   if (!p.write_grad) return;
   // In place (GradT = float), the label's logit must be read by every thread before any write.
   __syncthreads();
-  const float scale = tl.grad * inv_t;
+  const float scale = stored_grad_scale(tl.grad, inv_t, *p.grad_scale);
   if (vec4) {
     const float4* z4 = reinterpret_cast<const float4*>(z);
     for (int64_t i = threadIdx.x; i < vocab / 4; i += kThreads) {
@@ -118,18 +125,20 @@ __global__ void __launch_bounds__(kThreads) row_pass_kernel(RowParams p) {
       const float g1 = logit_grad(fast_exp(q.y * inv_t - lse), v + 1 == label, scale);
       const float g2 = logit_grad(fast_exp(q.z * inv_t - lse), v + 2 == label, scale);
       const float g3 = logit_grad(fast_exp(q.w * inv_t - lse), v + 3 == label, scale);
-      if constexpr (std::is_same<GradT, float>::value) {
+      if constexpr (kInPlace) {
         reinterpret_cast<float4*>(z)[i] = make_float4(g0, g1, g2, g3);
       } else {
-        out[v] = from_float<GradT>(g0);
-        out[v + 1] = from_float<GradT>(g1);
-        out[v + 2] = from_float<GradT>(g2);
-        out[v + 3] = from_float<GradT>(g3);
+        store_lowp4(out, v, g0, g1, g2, g3, kDType);
       }
     }
   } else {
     for (int64_t v = threadIdx.x; v < vocab; v += kThreads) {
-      out[v] = from_float<GradT>(logit_grad(fast_exp(z[v] * inv_t - lse), v == label, scale));
+      const float g = logit_grad(fast_exp(z[v] * inv_t - lse), v == label, scale);
+      if constexpr (kInPlace) {
+        z[v] = g;
+      } else {
+        store_lowp(out, v, g, kDType);
+      }
     }
   }
 }

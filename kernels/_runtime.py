@@ -21,15 +21,29 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Streaming multiprocessors of the reference part of each architecture, for the
 # ahead-of-time report (a live device reports its own count).
-SM_COUNT_BY_ARCH = {80: 108, 86: 84, 89: 128, 90: 132, 100: 148}
+SM_COUNT_BY_ARCH = {80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 170}
+# Shared memory one block may opt in to, per architecture (CUDA programming guide, "Compute
+# capabilities"), for the ahead-of-time report; a live device reports its own. Tiles are sized from
+# this number, not from the major version: sm_120 (consumer Blackwell) has ~99 KiB, not Hopper's 227.
+SMEM_BYTES_BY_ARCH = {80: 163 << 10, 86: 99 << 10, 89: 99 << 10, 90: 227 << 10, 100: 227 << 10, 120: 99 << 10}
 
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """The facts the block-size heuristics depend on. `arch` is None under the interpreter."""
+    """The facts the block-size heuristics depend on. `arch` is None under the interpreter.
+
+    `smem_bytes`: the shared memory one block may use (opt-in maximum); None takes the architecture's
+    figure from SMEM_BYTES_BY_ARCH (99 KiB for an unknown one: the smallest of the table)."""
 
     arch: int | None
     sm_count: int
+    smem_bytes: int | None = None
+
+    @property
+    def shared_memory(self) -> int:
+        if self.smem_bytes is not None:
+            return self.smem_bytes
+        return SMEM_BYTES_BY_ARCH.get(self.arch, 99 << 10)
 
     @property
     def interpreted(self) -> bool:
@@ -42,7 +56,9 @@ INTERPRETER_DEVICE = DeviceInfo(arch=None, sm_count=4)
 @functools.lru_cache(maxsize=None)
 def _cuda_device_info(index: int) -> DeviceInfo:
     props = torch.cuda.get_device_properties(index)
-    return DeviceInfo(arch=props.major * 10 + props.minor, sm_count=props.multi_processor_count)
+    smem = getattr(props, "shared_memory_per_block_optin", None)  # torch >= 2.4
+    return DeviceInfo(arch=props.major * 10 + props.minor, sm_count=props.multi_processor_count,
+                      smem_bytes=int(smem) if smem else None)
 
 
 def device_info(device: torch.device) -> DeviceInfo:

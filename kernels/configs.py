@@ -13,7 +13,7 @@ epilogue; the fp32 accumulator is 64 registers per thread at 8 warps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -40,17 +40,45 @@ def _is_16bit(dtype: torch.dtype) -> bool:
     return dtype in (torch.bfloat16, torch.float16)
 
 
+# Shared memory kept free beside the pipeline's operand stages (layout conversions, reductions).
+SMEM_RESERVE_BYTES = 4 << 10
+
+
+def stage_bytes(tile: TileConfig, dtype: torch.dtype) -> int:
+    """Shared memory of the software pipeline: `num_stages` copies of one A and one B operand tile."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return tile.num_stages * (tile.block_m * tile.block_k + tile.block_k * tile.block_n) * element
+
+
+def fit_shared_memory(tile: TileConfig, dtype: torch.dtype, device: DeviceInfo) -> TileConfig:
+    """`tile`, with fewer stages or a shorter K step where the device's shared memory is smaller than
+    the tile was chosen for (sm_120: ~99 KiB; sm_86/89: ~99 KiB; Hopper: 227 KiB). Shapes are kept:
+    deeper K steps go before a third stage, a third stage before the fourth, two stages are the floor."""
+    budget = device.shared_memory - SMEM_RESERVE_BYTES
+    candidates = [tile]
+    for block_k, stages in ((tile.block_k, 3), (32, tile.num_stages), (32, 3), (32, 2), (16, 2)):
+        if block_k <= tile.block_k and stages <= tile.num_stages:
+            candidates.append(replace(tile, block_k=block_k, num_stages=stages))
+    for candidate in candidates:
+        if stage_bytes(candidate, dtype) <= budget:
+            return candidate
+    return candidates[-1]
+
+
 def _gpu_tile(device: DeviceInfo, dtype: torch.dtype, m: int) -> TileConfig:
     small_m = m <= 64
     if _is_16bit(dtype):
-        if device.arch >= 90:  # wgmma: 64 rows per warpgroup
-            return TileConfig(64 if small_m else 128, 128, 64, 4 if small_m else 8, 4)
-        if device.arch >= 80:  # mma.sync; 8 warps keep the 128x128 fp32 accumulator at 64 registers
-            return TileConfig(64 if small_m else 128, 128, 32, 4 if small_m else 8, 4)
-        return TileConfig(64, 64, 32, 4, 2)
-    # fp32: with torch's default "highest" precision tl.dot runs on FMA units, whose operand
-    # fragments cost registers: 64x64 tiles at 8 warps stay far from spilling on sm_80 and sm_90
-    return TileConfig(64, 64, 32, 8, 3)
+        if device.arch >= 90:  # wgmma (sm_90): 64 rows per warpgroup; Blackwell takes the same shapes
+            tile = TileConfig(64 if small_m else 128, 128, 64, 4 if small_m else 8, 4)
+        elif device.arch >= 80:  # mma.sync; 8 warps keep the 128x128 fp32 accumulator at 64 registers
+            tile = TileConfig(64 if small_m else 128, 128, 32, 4 if small_m else 8, 4)
+        else:
+            tile = TileConfig(64, 64, 32, 4, 2)
+    else:
+        # fp32: with torch's default "highest" precision tl.dot runs on FMA units, whose operand
+        # fragments cost registers: 64x64 tiles at 8 warps stay far from spilling on sm_80 and sm_90
+        tile = TileConfig(64, 64, 32, 8, 3)
+    return fit_shared_memory(tile, dtype, device)
 
 
 # ---- fused logits + log-sum-exp kernel: M = tokens of the chunk, N = vocabulary, K = hidden ----
@@ -74,11 +102,11 @@ def logits_tile(device: DeviceInfo, dtype: torch.dtype, num_tokens: int, hidden_
         return _gpu_tile(device, dtype, num_tokens)
     # 64 vocabulary columns, not 128: the online-softmax epilogue holds several tile-sized fp32
     # temporaries, and 128-wide tiles sat at 224-255 registers (spilling for small chunks). At
-    # 64 wide the kernel needs ~128 registers (sm_90) and 96 KiB of shared memory, so two CTAs
-    # share an SM and one's MMAs overlap the other's exp/max/sum epilogue.
+    # 64 wide the kernel needs 96 KiB of shared memory and ~180 registers on sm_90 with the sum over
+    # the stored 16-bit logits (~128 without it, when two CTAs shared an SM).
     small_m = num_tokens <= 64
     block_k = 64 if device.arch >= 90 else 32
-    return TileConfig(64 if small_m else 128, 64, block_k, 4 if small_m else 8, 4)
+    return fit_shared_memory(TileConfig(64 if small_m else 128, 64, block_k, 4 if small_m else 8, 4), dtype, device)
 
 
 def vocab_blocks_per_split(device: DeviceInfo, num_token_blocks: int, num_vocab_blocks: int) -> int:
@@ -138,14 +166,20 @@ def scan_block(device: DeviceInfo) -> tuple[int, int]:
 
 # ---- chunking ----
 
-# Bytes of the per-chunk logit buffer (the only O(chunk x V) allocation).
-LOGITS_BUDGET_BYTES = 512 << 20
+# Bytes of the per-chunk logit buffer (the only O(chunk x V) allocation). Every chunk but the first
+# reads and writes the whole fp32 weight gradient (8 V H bytes: 4.4 GB at Qwen2.5-7B's shape), so
+# fewer, larger chunks cut that traffic: 1 GiB gives 3.4k-token chunks at V = 152k in bf16 (5 per
+# 16k-token batch: 19.6 GB of read-modify-write instead of 41 GB with 512 MiB chunks).
+LOGITS_BUDGET_BYTES = 1 << 30
 
 
 def default_chunk_tokens(num_tokens: int, vocab_size: int, dtype: torch.dtype) -> int:
-    """Tokens per chunk: as many as fit the logit budget, a multiple of 128 when that is possible."""
+    """Tokens per chunk: as many as fit the logit budget, the batch split into chunks of equal size
+    (no short last chunk), a multiple of 128 when that is possible."""
     element_bytes = torch.empty((), dtype=dtype).element_size()
-    chunk = max(1, LOGITS_BUDGET_BYTES // (vocab_size * element_bytes))
-    if chunk >= 256:
-        chunk -= chunk % 128
-    return max(1, min(num_tokens, chunk))
+    cap = max(1, LOGITS_BUDGET_BYTES // (vocab_size * element_bytes))
+    if num_tokens <= cap:
+        return max(1, num_tokens)
+    chunk = cdiv(num_tokens, cdiv(num_tokens, cap))
+    rounded = cdiv(chunk, 128) * 128  # whole 128-token tiles, when that still fits the budget
+    return max(1, rounded if rounded <= cap else chunk)

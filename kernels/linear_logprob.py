@@ -15,7 +15,9 @@ Per chunk of C tokens, four launches; the `[T, V]` logits never exist, the `[C, 
    tile by tile on tensor cores (fp32 accumulators), stores `z` to the chunk buffer (input dtype),
    and keeps an online log-sum-exp per token: running max `m`, `s = sum exp(z - m)` and
    `a = sum exp(z - m) z` (for the entropy), merged across the split's vocabulary blocks in
-   registers; writes one (m, s, a) partial per split, and the target logit (fp32) from the split
+   registers, plus `s' = sum exp(z' - m)` over the *stored* (rounded) logits z' of 16-bit buffers, which
+   kernel 2 normalises its probabilities with (README: "Confident tokens"); writes one (m, s, a, s')
+   partial per split, and the target logit (fp32) from the split
    holding the label. Splitting the vocabulary keeps every SM busy when the chunk has few tokens.
 2. `_softmax_grad_kernel`, grid (tokens x vocabulary slices): merges the partials
    (`lse = M + log S`, `entropy = lse - A / S`), computes `lp = z_label - lse`, the token loss and
@@ -64,12 +66,13 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 @triton.jit
 def _logits_lse_fwd_kernel(
     hidden_ptr, weight_ptr, labels_ptr, logits_ptr,
-    part_max_ptr, part_sum_ptr, part_dot_ptr, target_ptr,
+    part_max_ptr, part_sum_ptr, part_dot_ptr, part_stored_sum_ptr, target_ptr,
     num_tokens, vocab_size, hidden_size, blocks_per_split,
     stride_hidden, stride_weight, stride_logits, stride_part,
     inv_temperature,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-    INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr, DOT_PRECISION: tl.constexpr, STORE_LOGITS: tl.constexpr,
+    STORED_SUM: tl.constexpr,
 ):
     # Token blocks vary fastest, so the programs sharing a weight tile run side by side (L2 reuse).
     pid = tl.program_id(0)
@@ -87,6 +90,7 @@ def _logits_lse_fwd_kernel(
     run_max = tl.full((BLOCK_T,), float("-inf"), tl.float32)
     run_sum = tl.zeros((BLOCK_T,), tl.float32)
     run_dot = tl.zeros((BLOCK_T,), tl.float32)
+    run_stored_sum = tl.zeros((BLOCK_T,), tl.float32)
     target = tl.zeros((BLOCK_T,), tl.float32)
     offs_h = tl.arange(0, BLOCK_H)
     for v0 in range(v_begin, v_end, BLOCK_V):
@@ -107,12 +111,15 @@ def _logits_lse_fwd_kernel(
             x_ptrs += BLOCK_H
             w_ptrs += BLOCK_H
         z = acc * inv_temperature
-        out_ptrs = logits_ptr + offs_t[:, None].to(tl.int64) * stride_logits + offs_v[None, :]
-        tl.store(out_ptrs, cast_rounded(z, logits_ptr.dtype.element_ty, INTERPRETED),
-                 mask=t_mask[:, None] & v_mask[None, :])
+        # Under no_grad nothing reads the buffer: no store.
+        z_stored = cast_rounded(z, logits_ptr.dtype.element_ty, INTERPRETED)
+        if STORE_LOGITS:
+            out_ptrs = logits_ptr + offs_t[:, None].to(tl.int64) * stride_logits + offs_v[None, :]
+            tl.store(out_ptrs, z_stored, mask=t_mask[:, None] & v_mask[None, :])
         # columns past the vocabulary get a huge negative *finite* logit: exp() sends them to 0 and,
         # unlike -inf, 0 * z stays 0 in the entropy sum
-        z += tl.where(v_mask, 0.0, -1e30)[None, :]
+        pad = tl.where(v_mask, 0.0, -1e30)[None, :]
+        z += pad
 
         # online log-sum-exp and the entropy accumulator sum exp(z - m) z
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -120,6 +127,13 @@ def _logits_lse_fwd_kernel(
         p = tl.exp(z - new_max[:, None])
         run_sum = run_sum * rescale + tl.sum(p, axis=1)
         run_dot = run_dot * rescale + tl.sum(p * z, axis=1)
+        if STORED_SUM:
+            # The softmax-gradient kernel forms probabilities from the *stored* (16-bit) logits, so it
+            # normalises them by their own sum: against the fp32 log-sum-exp they would not sum to 1 and a
+            # confident token's 1 - p would be the rounding noise of its logit (0.125 at z = 32 in bf16).
+            # One more exp per logit (MUFU, hidden under the tensor cores); lp and entropy stay fp32-exact.
+            p_stored = tl.exp(z_stored.to(tl.float32) + pad - new_max[:, None])
+            run_stored_sum = run_stored_sum * rescale + tl.sum(p_stored, axis=1)
         run_max = new_max
         target += tl.sum(tl.where(offs_v[None, :] == labels[:, None], z, 0.0), axis=1)
 
@@ -127,19 +141,21 @@ def _logits_lse_fwd_kernel(
     tl.store(part_max_ptr + part, run_max, mask=t_mask)
     tl.store(part_sum_ptr + part, run_sum, mask=t_mask)
     tl.store(part_dot_ptr + part, run_dot, mask=t_mask)
+    if STORED_SUM:
+        tl.store(part_stored_sum_ptr + part, run_stored_sum, mask=t_mask)
     holds_label = t_mask & (labels >= v_begin) & (labels < v_end)
     tl.store(target_ptr + offs_t, target, mask=holds_label)
 
 
 @triton.jit
 def _softmax_grad_kernel(
-    logits_ptr, part_max_ptr, part_sum_ptr, part_dot_ptr, target_ptr, labels_ptr,
+    logits_ptr, part_max_ptr, part_sum_ptr, part_dot_ptr, part_stored_sum_ptr, target_ptr, labels_ptr,
     coef_ptr, ref_ptr, kl_ptr, grad_scale_ptr, advantages_ptr, old_logprobs_ptr,
     logprobs_ptr, entropy_ptr, token_loss_ptr, ratio_ptr, clipped_ptr,
     vocab_size, num_splits, vocab_per_program, stride_logits, stride_part,
     inv_temperature, ratio_low, ratio_high,
     HAS_REF: tl.constexpr, LOSS_MODE: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BLOCK_SPLITS: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_SPLITS: tl.constexpr, BLOCK_V: tl.constexpr, INTERPRETED: tl.constexpr, STORED_SUM: tl.constexpr,
 ):
     token = tl.program_id(0)
     slice_id = tl.program_id(1)
@@ -158,6 +174,10 @@ def _softmax_grad_kernel(
 
     label = tl.load(labels_ptr + token).to(tl.int32)
     valid = label >= 0
+    # a label outside [0, V) that is not the ignore index (value checks switched off) read no target
+    # logit: poison the token's outputs visibly, as the native kernels do, rather than read a stale one
+    out_of_range = (label != -100) & ((label < 0) | (label >= vocab_size))
+    valid = valid & ~out_of_range
     logprob = tl.where(valid, tl.load(target_ptr + token) - lse, 0.0)
     # `coef_ptr`: pg_coef_t (LOSS_LOGPROB) or the aggregation scale s_t (LOSS_CLIPPED_SURROGATE);
     # `kl_ptr`: the 0-d kl_weight, or the per-token KL scale k_t
@@ -189,12 +209,20 @@ def _softmax_grad_kernel(
         grad += kl * (1.0 - kl_ratio)
     loss = tl.where(valid, loss, 0.0)
     grad = tl.where(valid, grad, 0.0)
+    loss = tl.where(out_of_range, float("nan"), loss)
+    logprob = tl.where(out_of_range, float("nan"), logprob)
+    entropy = tl.where(out_of_range, float("nan"), entropy)
     tl.store(logprobs_ptr + token, logprob, mask=first)
-    tl.store(entropy_ptr + token, tl.where(valid, entropy, 0.0), mask=first)
+    tl.store(entropy_ptr + token, tl.where(valid | out_of_range, entropy, 0.0), mask=first)
     tl.store(token_loss_ptr + token, loss, mask=first)
 
     if WRITE_GRAD:
         scale = grad * inv_temperature * tl.load(grad_scale_ptr)
+        # probabilities of the stored logits, normalised by the stored logits' own sum (see kernel 1)
+        grad_lse = lse
+        if STORED_SUM:
+            stored_sum = tl.sum(tl.load(part_stored_sum_ptr + part, mask=s_mask, other=0.0) * weights, axis=0)
+            grad_lse = row_max + tl.log(stored_sum)
         row_ptr = logits_ptr + token.to(tl.int64) * stride_logits
         v_begin = slice_id * vocab_per_program
         v_end = tl.minimum(v_begin + vocab_per_program, vocab_size)
@@ -203,7 +231,7 @@ def _softmax_grad_kernel(
             v_mask = offs_v < v_end
             z = tl.load(row_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)
             onehot = tl.where(offs_v == label, 1.0, 0.0)
-            dz = scale * (onehot - tl.exp(z - lse))
+            dz = scale * (onehot - tl.exp(z - grad_lse))
             tl.store(row_ptr + offs_v, cast_rounded(dz, logits_ptr.dtype.element_ty, INTERPRETED), mask=v_mask)
 
 
@@ -247,11 +275,13 @@ class ChunkBuffers:
             per_split = configs.vocab_blocks_per_split(device_info_, 1, num_vocab_blocks)
             max_splits = max(max_splits, cdiv(num_vocab_blocks, per_split))
         self.logits = torch.empty((chunk_tokens, vocab_size), dtype=dtype, device=device)
-        self.partials = torch.empty((3, max_splits, chunk_tokens), dtype=torch.float32, device=device)
+        # (max, sum, dot, sum over the stored logits) per split; the last only for 16-bit buffers
+        self.partials = torch.empty((4, max_splits, chunk_tokens), dtype=torch.float32, device=device)
         self.target = torch.zeros(chunk_tokens, dtype=torch.float32, device=device)
 
 
-def plan_logits_lse(hidden, weight, labels, buffers: ChunkBuffers, temperature, device: DeviceInfo) -> KernelLaunch:
+def plan_logits_lse(hidden, weight, labels, buffers: ChunkBuffers, temperature, device: DeviceInfo, *,
+                    store_logits: bool = True) -> KernelLaunch:
     num_tokens, hidden_size = hidden.shape
     vocab_size = weight.shape[0]
     tile = configs.logits_tile(device, hidden.dtype, num_tokens, hidden_size, vocab_size)
@@ -260,19 +290,20 @@ def plan_logits_lse(hidden, weight, labels, buffers: ChunkBuffers, temperature, 
     per_split = configs.vocab_blocks_per_split(device, num_token_blocks, num_vocab_blocks)
     num_splits = cdiv(num_vocab_blocks, per_split)
     logits = buffers.logits[:num_tokens]
-    part_max, part_sum, part_dot = buffers.partials
+    part_max, part_sum, part_dot, part_stored_sum = buffers.partials
     if num_splits > part_max.shape[0] or num_tokens > part_max.shape[1]:
         raise RuntimeError(f"oreal_kernels: chunk work space too small ({tuple(part_max.shape)}) for "
                            f"{num_splits} splits x {num_tokens} tokens")
     args = dict(
         hidden_ptr=hidden, weight_ptr=weight, labels_ptr=labels, logits_ptr=logits,
-        part_max_ptr=part_max, part_sum_ptr=part_sum, part_dot_ptr=part_dot, target_ptr=buffers.target,
-        num_tokens=num_tokens, vocab_size=vocab_size, hidden_size=hidden_size, blocks_per_split=per_split,
+        part_max_ptr=part_max, part_sum_ptr=part_sum, part_dot_ptr=part_dot, part_stored_sum_ptr=part_stored_sum,
+        target_ptr=buffers.target, num_tokens=num_tokens, vocab_size=vocab_size, hidden_size=hidden_size, blocks_per_split=per_split,
         stride_hidden=hidden.stride(0), stride_weight=weight.stride(0), stride_logits=logits.stride(0),
         stride_part=part_max.stride(0), inv_temperature=1.0 / temperature,
     )
     constexprs = dict(BLOCK_T=tile.block_m, BLOCK_V=tile.block_n, BLOCK_H=tile.block_k, INTERPRETED=INTERPRET,
-                      DOT_PRECISION=dot_precision(hidden.dtype, device))
+                      DOT_PRECISION=dot_precision(hidden.dtype, device), STORE_LOGITS=store_logits,
+                      STORED_SUM=store_logits and logits.dtype != torch.float32)
     return KernelLaunch("logits_lse_fwd", _logits_lse_fwd_kernel, (num_token_blocks * num_splits,), args,
                         constexprs, tile.num_warps, tile.num_stages)
 
@@ -285,7 +316,7 @@ def plan_softmax_grad(labels, pg_coef, ref_logprobs, kl_weight, grad_scale, logp
     num_tokens = labels.shape[0]
     logits = buffers.logits[:num_tokens]
     vocab_size = logits.shape[1]
-    part_max, part_sum, part_dot = buffers.partials
+    part_max, part_sum, part_dot, part_stored_sum = buffers.partials
     block_v, num_warps = configs.softmax_grad_block(device)
     programs_per_row = configs.softmax_grad_vocab_programs(device, num_tokens, vocab_size, block_v)
     vocab_per_program = cdiv(cdiv(vocab_size, programs_per_row), block_v) * block_v
@@ -299,7 +330,7 @@ def plan_softmax_grad(labels, pg_coef, ref_logprobs, kl_weight, grad_scale, logp
                       ratio_low=1.0 - surrogate.clip_low, ratio_high=1.0 + surrogate.clip_high))
     args = dict(
         logits_ptr=logits, part_max_ptr=part_max, part_sum_ptr=part_sum, part_dot_ptr=part_dot,
-        target_ptr=buffers.target, labels_ptr=labels, coef_ptr=pg_coef,
+        part_stored_sum_ptr=part_stored_sum, target_ptr=buffers.target, labels_ptr=labels, coef_ptr=pg_coef,
         ref_ptr=ref_logprobs if has_ref else pg_coef, kl_ptr=kl_weight, grad_scale_ptr=grad_scale,
         logprobs_ptr=logprobs, entropy_ptr=entropy, token_loss_ptr=token_loss,
         vocab_size=vocab_size, num_splits=num_splits, vocab_per_program=vocab_per_program,
@@ -308,7 +339,8 @@ def plan_softmax_grad(labels, pg_coef, ref_logprobs, kl_weight, grad_scale, logp
     )
     loss_mode = LOSS_LOGPROB if surrogate is None else LOSS_CLIPPED_SURROGATE
     constexprs = dict(HAS_REF=has_ref, LOSS_MODE=loss_mode, WRITE_GRAD=write_grad,
-                      BLOCK_SPLITS=max(2, next_power_of_2(num_splits)), BLOCK_V=block_v, INTERPRETED=INTERPRET)
+                      BLOCK_SPLITS=max(2, next_power_of_2(num_splits)), BLOCK_V=block_v, INTERPRETED=INTERPRET,
+                      STORED_SUM=write_grad and logits.dtype != torch.float32)
     return KernelLaunch("softmax_grad", _softmax_grad_kernel, (num_tokens, programs_per_row), args, constexprs,
                         num_warps, 1)
 
@@ -382,11 +414,11 @@ def chunk_launches(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, sig
     clipped surrogate: `pg_coef` is then the token scale and `kl_weight` the chunk's KL scales.
     """
     grad_hidden, grad_weight = grads
-    fwd = plan_logits_lse(hidden, weight, labels, buffers, temperature, device)
+    write_grad = grad_hidden is not None or grad_weight is not None
+    fwd = plan_logits_lse(hidden, weight, labels, buffers, temperature, device, store_logits=write_grad)
     num_splits = fwd.grid[0] // cdiv(hidden.shape[0], fwd.constexprs["BLOCK_T"])
     launches = [fwd, plan_softmax_grad(labels, pg_coef, ref_logprobs, kl_weight, sigma, *outputs, buffers,
-                                       num_splits, temperature, device,
-                                       write_grad=grad_hidden is not None or grad_weight is not None,
+                                       num_splits, temperature, device, write_grad=write_grad,
                                        surrogate=surrogate)]
     dz = buffers.logits[:hidden.shape[0]]
     if grad_hidden is not None:
@@ -420,7 +452,9 @@ class _LinearLogprobLoss(torch.autograd.Function):
         # forward() always runs with grad mode off; `grad_enabled` is the caller's mode, so that
         # log-probs computed under torch.no_grad() skip the gradient work (2/3 of the FLOPs)
         grad_hidden = torch.empty_like(hidden) if grad_enabled and ctx.needs_input_grad[0] else None
-        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # the first chunk's matmul overwrites the weight gradient: no zero fill unless there is no chunk
+        alloc = torch.empty if num_tokens else torch.zeros
+        grad_weight = (alloc(weight.shape, dtype=torch.float32, device=weight.device)
                        if grad_enabled and ctx.needs_input_grad[1] else None)
         if num_tokens:
             chunk = chunk_size or configs.default_chunk_tokens(num_tokens, vocab_size, hidden.dtype)
@@ -453,11 +487,29 @@ class _LinearLogprobLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_logprobs, _grad_entropy):
         grad_hidden, grad_weight, sigma = ctx.saved_tensors
         factor = grad_loss.float() / sigma  # applied in fp32: the product may leave the 16-bit range
+        # Eager: the saved gradients belong to this graph alone, so scale them in place (no second fp32
+        # [V, H]; a second backward through the graph is then refused by autograd's version check).
+        in_place = not torch.compiler.is_compiling() and all(
+            type(t) is torch.Tensor for t in (grad_loss, grad_hidden, grad_weight) if t is not None)
         if grad_hidden is not None:
-            grad_hidden = (grad_hidden.float() * factor).to(grad_hidden.dtype)
+            grad_hidden = _scaled(grad_hidden, factor, in_place)
         if grad_weight is not None:
-            grad_weight = (grad_weight * factor).to(ctx.weight_dtype)
+            grad_weight = _scaled(grad_weight, factor, in_place).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+_RESCALE_BLOCK = 1 << 24  # elements per fp32 temporary when a 16-bit gradient is rescaled in place
+
+
+def _scaled(grad: torch.Tensor, factor: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """`grad * factor` (fp32 0-d), multiplied in fp32 and returned in grad's dtype; in place when allowed."""
+    if grad.dtype == torch.float32:
+        return grad.mul_(factor) if in_place else grad * factor
+    if not in_place:
+        return (grad.float() * factor).to(grad.dtype)
+    for block in grad.view(-1).split(_RESCALE_BLOCK):
+        block.copy_(block.float() * factor)
+    return grad
 
 
 def linear_logprob_loss(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature=1.0,

@@ -29,10 +29,13 @@ def reference_token_weights(rm_scores, labels, cu_seqlens, is_positive):
 
 def reference_oreal_loss(hidden, weight, labels, cu_seqlens, advantages, is_positive, rm_scores=None,
                          ref_logprobs=None, *, kl_coef=0.01, pos_coef=1.0, neg_coef=0.5, temperature=1.0,
-                         pos_tokens=None, neg_tokens=None, return_magnitude=False):
+                         pos_tokens=None, neg_tokens=None, return_magnitude=False, behavior_logprobs=None,
+                         importance_cap=2.0):
     """Returns (loss, logprobs, entropy), all float64; loss differentiable w.r.t. hidden and weight.
 
     With `return_magnitude=True` also returns sum_t |term_t|, the loss's L1 magnitude.
+    With `behavior_logprobs` (samples of an older policy mu), every token's terms are multiplied by the
+    constant rho_t = min(pi_t / mu_t, importance_cap), pi_t = exp(lp_t) taken without its gradient.
     """
     h = hidden.double()
     w = weight.double()
@@ -63,13 +66,16 @@ def reference_oreal_loss(hidden, weight, labels, cu_seqlens, advantages, is_posi
         i = int(seq_of[t])
         positive = bool(is_positive[i])
         coef, count = (pos_coef, n_pos) if positive else (neg_coef, n_neg)
+        rho = 1.0
+        if behavior_logprobs is not None:
+            rho = min(math.exp(lp[t].item() - float(behavior_logprobs[t])), importance_cap)
         if count > 0:
-            term = -coef * float(advantages[i]) * float(tw[t]) / count * lp[t]
+            term = -coef * float(advantages[i]) * float(tw[t]) / count * lp[t] * rho
             loss = loss + term
             magnitude += abs(term.item())
         if ref_logprobs is not None and n_all > 0:
             d = float(ref_logprobs[t]) - lp[t]
-            term = kl_coef / n_all * (torch.exp(d) - d - 1)
+            term = kl_coef / n_all * (torch.exp(d) - d - 1) * rho
             loss = loss + term
             magnitude += abs(term.item())
     zero = torch.zeros((), dtype=torch.float64)

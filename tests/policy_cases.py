@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import torch
 
 import oreal
-from loss_cases import current_logprobs, make_case, reference_logprobs_away, relative_error
+from loss_cases import (LOW_PRECISION_SEEDS, current_logprobs, make_case, reference_logprobs_away, relative_error,
+                        scalar_relative_error)
 from oreal.ops.policy_loss import token_scales
 from policy_reference import reference_policy_loss
 
 
 def fresh_seed() -> int:
-    return torch.randint(0, 2**31 - 2, ()).item()  # fresh inputs every run; pytest shows it on failure
+    return torch.randint(0, 2**31 - 8, ()).item()  # fresh inputs every run; pytest shows it on failure
 
 
 @dataclass
@@ -34,17 +35,19 @@ class PolicyCase:
     ref_logprobs: torch.Tensor | None
     options: dict
 
-    def args(self, dtype=torch.float32):
-        return (self.hidden.to(dtype), self.weight.to(dtype), self.labels, self.cu_seqlens, self.advantages,
+    def args(self, dtype=torch.float32, device=None):
+        """The inputs of `fused_policy_loss`, hidden and weight in `dtype`, all on `device` (default: CPU)."""
+        args = (self.hidden.to(dtype), self.weight.to(dtype), self.labels, self.cu_seqlens, self.advantages,
                 self.old_logprobs, self.ref_logprobs)
+        return args if device is None else tuple(None if a is None else a.to(device) for a in args)
 
 
 def make_policy_case(seq_lens, hidden_size, vocab_size, *, seed, per_token=False, with_ref=True, empty_seq=None,
-                     round_to=torch.float32, **options) -> PolicyCase:
+                     round_to=torch.float32, confident=False, **options) -> PolicyCase:
     """A packed batch (prompt positions and each sequence's last position ignored) with advantages,
     old log-probs that put ratios on both sides of the clip range, and KL reference log-probs 0.1 to 0.7
     from the current ones. `round_to`: the dtype whose rounded inputs the ratios are placed for."""
-    base = make_case(seq_lens, hidden_size, vocab_size, seed=seed, empty_seq=empty_seq)
+    base = make_case(seq_lens, hidden_size, vocab_size, seed=seed, empty_seq=empty_seq, confident=confident)
     g = torch.Generator().manual_seed(seed + 1)
     total = len(base.labels)
     current = current_logprobs(base.hidden.to(round_to), base.weight.to(round_to), base.labels,
@@ -100,13 +103,17 @@ CASES = {  # each backend's tests add their own odd-shape case
 }
 
 
-def run_fused(case: PolicyCase, backend: str, dtype=torch.float32):
-    """`fused_policy_loss` on the case's inputs in `dtype`: (output, (grad_hidden, grad_weight))."""
-    hidden, weight, *rest = case.args(dtype)
+def run_fused(case: PolicyCase, backend: str, dtype=torch.float32, device=None):
+    """`fused_policy_loss` on the case's inputs in `dtype` on `device` (default CPU): (output, (grad_hidden,
+    grad_weight)), returned on the CPU."""
+    hidden, weight, *rest = case.args(dtype, device)
     hidden, weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     out = oreal.fused_policy_loss(hidden, weight, *rest, backend=backend, **case.options)
     grads = torch.autograd.grad(out.loss, (hidden, weight), allow_unused=True)
-    return out, tuple(torch.zeros_like(x) if g is None else g for x, g in zip((hidden, weight), grads))
+    grads = tuple((torch.zeros_like(x) if g is None else g).cpu() for x, g in zip((hidden, weight), grads))
+    if device is not None:
+        out = type(out)(*(x.detach().cpu() for x in out))
+    return out, grads
 
 
 def assert_loss_close(loss, ref_loss, magnitude):
@@ -123,9 +130,9 @@ def assert_stats_match(stats, clip_fraction, ratio_mean, ratio_max):
     assert abs(float(stats[2]) - ratio_max) < 1e-5 * max(1.0, ratio_max)
 
 
-def assert_matches_reference(case: PolicyCase, backend: str, *, both_branches=True):
+def assert_matches_reference(case: PolicyCase, backend: str, *, both_branches=True, device=None):
     """fp32 `backend` against the float64 reference: loss, gradients, log-probs, entropy, statistics."""
-    out, (grad_hidden, grad_weight) = run_fused(case, backend)
+    out, (grad_hidden, grad_weight) = run_fused(case, backend, device=device)
     (loss, lp, ent, clip_fraction, ratio_mean, ratio_max, magnitude), (ref_gh, ref_gw) = run_reference(case)
     assert out.loss.dtype == torch.float32
     assert_loss_close(out.loss, loss, magnitude)
@@ -173,3 +180,58 @@ def assert_internal_op_chunks_and_no_grad(linear_policy_loss):
     assert not nograd_loss.requires_grad
     assert torch.allclose(nograd_lp.double(), lp, rtol=1e-5, atol=1e-5)
     assert abs(float(nograd_stats["clip_fraction"]) - clip_fraction) < 1e-6
+
+
+# ---- bf16 / fp16: no worse than what a user writes in plain torch in that dtype (every backend) ----
+
+LOW_PRECISION_CASES = {
+    "token_kl": dict(seq_lens=[30, 17, 40], hidden_size=64, vocab_size=515, per_token=True),
+    "sequence_odd_vocab_temperature": dict(seq_lens=[33, 1, 20], hidden_size=48, vocab_size=1531,
+                                           loss_agg="sequence", temperature=0.7, clip_high=0.28),
+    # label logits 20-40, p_label 0.9-0.999 (loss_cases.make_confident): where rounding shows
+    "confident_token_kl": dict(seq_lens=[30, 17, 40], hidden_size=64, vocab_size=515, per_token=True,
+                               confident=True),
+}
+
+
+def plain_torch_policy_loss(case: PolicyCase, dtype):
+    """Logits, softmax, ratios and the loss in `dtype`, autograd for the gradients."""
+    hidden, weight, labels, cu_seqlens, advantages, old, ref = case.args(dtype)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    options = case.options
+    log_probs = torch.log_softmax(hidden @ weight.T / options.get("temperature", 1.0), -1)
+    lp = log_probs.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
+    adv = (advantages if len(advantages) == len(labels) else advantages[seq]).to(dtype)
+    ratio = torch.exp(lp - old.to(dtype))
+    clipped = ratio.clamp(1 - options.get("clip_low", 0.2), 1 + options.get("clip_high", 0.2))
+    term = -torch.minimum(ratio * adv, clipped * adv)
+    if ref is not None:
+        d = ref.to(dtype) - lp
+        term = term + options["kl_coef"] * (torch.exp(d) - d - 1)
+    scale = token_scales(labels, cu_seqlens, options.get("loss_agg", "token"), options.get("num_tokens"))
+    loss = torch.where(labels != -100, term * scale.to(dtype), 0).sum()
+    return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
+
+
+def assert_low_precision_within_twice_plain(name: str, backend: str, dtype, first_seed: int, device=None) -> dict:
+    """Errors of `backend` vs float64 (on the same rounded inputs), summed over fresh batches, at most
+    twice those of plain torch in `dtype` (a single scalar loss error is a coin toss)."""
+    totals: dict = {}
+    for seed in range(first_seed, first_seed + LOW_PRECISION_SEEDS):
+        case = make_policy_case(seed=seed, round_to=dtype, **LOW_PRECISION_CASES[name])
+        out, (grad_hidden, grad_weight) = run_fused(case, backend, dtype, device)
+        (loss, *_), (ref_gh, ref_gw) = run_reference(case, dtype)
+        plain_loss, plain_gh, plain_gw = plain_torch_policy_loss(case, dtype)
+        assert grad_hidden.dtype == dtype and grad_weight.dtype == dtype
+        errors = {"loss": scalar_relative_error(out.loss, loss), "loss_plain": scalar_relative_error(plain_loss, loss),
+                  "grad_hidden": relative_error(grad_hidden, ref_gh),
+                  "grad_hidden_plain": relative_error(plain_gh, ref_gh),
+                  "grad_weight": relative_error(grad_weight, ref_gw),
+                  "grad_weight_plain": relative_error(plain_gw, ref_gw)}
+        for key, value in errors.items():
+            totals[key] = totals.get(key, 0.0) + value
+    print(name, backend, dtype, {k: f"{v:.2e}" for k, v in totals.items()})
+    for key in ("loss", "grad_hidden", "grad_weight"):
+        assert totals[key] <= 2 * totals[key + "_plain"] + 1e-6, (name, first_seed, totals)
+    return totals

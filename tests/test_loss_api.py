@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import oreal
-from loss_cases import make_case, run_fused
+from loss_cases import make_case, run_reference, scalar_relative_error
 from oreal_reference import reference_token_weights
 
 
@@ -43,6 +43,32 @@ def test_bad_input_names_the_argument(name):
         _call(**BAD_INPUTS[name])
 
 
+@pytest.mark.parametrize("name, value, message", [
+    ("pos_tokens", torch.tensor(float("nan")), "finite non-negative count, got nan"),
+    ("pos_tokens", torch.tensor([-2]), "finite non-negative count, got -2"),
+    ("pos_tokens", torch.tensor(float("inf")), "finite non-negative count, got inf"),
+    ("pos_tokens", torch.tensor(True), "dtype bool is not a count"),
+    ("pos_tokens", torch.tensor([3, 4]), "expected one element"),
+    ("neg_tokens", torch.tensor(float("nan")), "finite non-negative count"),
+    ("kl_coef", True, "must be a finite number, got True"),
+    ("pos_coef", False, "must be a finite number, got False"),
+    ("temperature", True, "must be a positive finite number, got True"),
+    ("temperature", float("inf"), "must be a positive finite number, got inf"),
+])
+def test_counts_given_as_tensors_and_bool_coefficients_are_refused(name, value, message):
+    args = _args()
+    with pytest.raises(ValueError, match=f"^{name}: .*{message}"):
+        oreal.fused_oreal_loss(**args, **{name: value}, backend="torch")
+
+
+def test_counts_given_as_tensors_equal_counts_given_as_ints():
+    args = _args()
+    as_ints = oreal.fused_oreal_loss(**args, pos_tokens=17, neg_tokens=5, backend="torch").loss
+    as_tensors = oreal.fused_oreal_loss(**args, pos_tokens=torch.tensor(17), neg_tokens=torch.tensor([5.0]),
+                                        backend="torch").loss
+    assert torch.equal(as_ints, as_tensors)
+
+
 @pytest.mark.parametrize("cu, message", [
     ([0, 5, 3, 12], "non-decreasing"),
     ([0, 5, 8, 11], "end at T=12"),
@@ -70,14 +96,13 @@ def test_negative_label_other_than_ignore_index():
         _call(labels=labels)
 
 
-def test_unknown_and_unavailable_backends():
+def test_unknown_and_unavailable_backends(monkeypatch):
     with pytest.raises(ValueError, match="unknown backend 'cuda'.*torch"):
         _call(backend="cuda")
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        with pytest.raises(ValueError, match="'triton' is unavailable on cpu.*TRITON_INTERPRET=1.*Available here: torch"):
-            _call(backend="triton")
+    # the kernels' conftest turns the interpreter on for the whole session: turn it off here
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="'triton' is unavailable on cpu.*TRITON_INTERPRET=1.*Available here: torch"):
+        _call(backend="triton")
 
 
 def test_auto_backend_runs_on_cpu():
@@ -86,14 +111,19 @@ def test_auto_backend_runs_on_cpu():
     assert torch.allclose(auto.loss, torch_out.loss, rtol=1e-5)
 
 
-def test_module_wrapper_matches_function():
-    case = make_case([6, 7], 10, 31, seed=8, kl_coef=0.05, pos_coef=0.8, neg_coef=0.3, temperature=0.9)
-    module = oreal.OrealLoss(kl_coef=0.05, pos_coef=0.8, neg_coef=0.3, temperature=0.9, backend="torch")
+def test_module_wrapper_passes_every_option_on():
+    # Against the float64 reference with non-default options: a wrapper that dropped or swapped
+    # one of them would give a different loss.
+    options = dict(kl_coef=0.05, pos_coef=0.8, neg_coef=0.3, temperature=0.9)
+    case = make_case([6, 7, 3], 10, 31, seed=torch.randint(0, 10**6, ()).item(), **options)
+    module = oreal.OrealLoss(**options, backend="torch")
     assert "kl_coef=0.05" in repr(module)
     out = module(*case.args())
-    expected, _, _ = run_fused(case, "torch")
-    assert torch.equal(out.loss.detach(), expected.loss.detach())
+    reference = run_reference(case)[0]
     assert isinstance(out, oreal.LossOutput)
+    assert scalar_relative_error(out.loss, reference) < 1e-5
+    default = oreal.OrealLoss(backend="torch")(*case.args())
+    assert scalar_relative_error(default.loss, reference) > 1e-3  # the options matter on this case
 
 
 def test_token_rm_weights_match_reference():

@@ -5,7 +5,8 @@ import torch
 
 import oreal
 from loss_cases import relative_error
-from policy_cases import fresh_seed, make_policy_case, run_reference
+from policy_cases import (LOW_PRECISION_CASES, assert_low_precision_within_twice_plain, fresh_seed, make_policy_case,
+                          run_reference)
 
 
 def _run(case, advantages, old, ref, backend="torch", **options):
@@ -69,3 +70,9 @@ def test_bad_inputs():
         _run(case, adv, old, ref, clip_low=1.5)
     with pytest.raises(ValueError, match="^old_logprobs:"):
         _run(case, adv, old[:-1], ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", sorted(LOW_PRECISION_CASES))
+def test_low_precision_no_worse_than_plain_torch(dtype, name):
+    assert_low_precision_within_twice_plain(name, "torch", dtype, fresh_seed())

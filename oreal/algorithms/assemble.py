@@ -26,9 +26,28 @@ from oreal.runtime.distributed import DistContext, shard
 
 def policy_temperature(cfg: Config) -> float:
     """The softmax temperature of the trained log-probs: OREAL's loss uses the plain model (1.0); the clipped
-    recipes use the sampling temperature, as RLinf and verl do, so that the ratio's old log-probs describe the
-    distribution the samples were drawn from."""
-    return 1.0 if cfg.algorithm == "oreal" else cfg.rollout.temperature
+    recipes use `ppo.loss_temperature`, by default (0) the sampling temperature, as RLinf and verl do, so that
+    the ratio's old log-probs describe the distribution the samples were drawn from; SimpleRL-Zero's OpenRLHF
+    reads raw logits (1.0) while sampling at 0.6."""
+    if cfg.algorithm == "oreal":
+        return 1.0
+    return cfg.ppo.loss_temperature or cfg.rollout.temperature
+
+
+def schedule_ticks(cfg: Config, optim_cfg, *, frozen_steps: int = 0) -> int:
+    """How often a schedule advances over the run: once per training step (less `frozen_steps`), or once per
+    optimizer update (`schedule_unit` "update": epochs x minibatches per step of the clipped recipes)."""
+    steps = cfg.train.steps - frozen_steps
+    if optim_cfg.schedule_unit == "update" and cfg.algorithm != "oreal":
+        steps *= cfg.ppo.epochs * cfg.ppo.minibatches
+    return max(1, steps)
+
+
+def policy_schedule_ticks(cfg: Config) -> int:
+    """OREAL runs the policy's schedule through its frozen steps (`train.schedule_frozen_steps`); otherwise,
+    and for a per-update schedule, it starts at the first policy update."""
+    counts_frozen = cfg.train.schedule_frozen_steps and cfg.policy_optim.schedule_unit == "step"
+    return schedule_ticks(cfg, cfg.policy_optim, frozen_steps=0 if counts_frozen else cfg.train.freeze_policy_steps)
 
 
 def _policy_root(cfg: Config, lm: torch.nn.Module) -> torch.nn.Module:
@@ -36,7 +55,8 @@ def _policy_root(cfg: Config, lm: torch.nn.Module) -> torch.nn.Module:
         from oreal.algorithms.policy import LossCoefficients, PolicyWithLoss
 
         return PolicyWithLoss(lm, LossCoefficients(kl_coef=cfg.loss.kl_coef, pos_coef=cfg.loss.pos_coef,
-                                                   neg_coef=cfg.loss.neg_coef, backend=cfg.loss.backend))
+                                                   neg_coef=cfg.loss.neg_coef, backend=cfg.loss.backend,
+                                                   importance_cap=cfg.loss.importance_cap))
     from oreal.algorithms.clipped_models import ClippedSurrogatePolicy, ClipSettings
 
     p = cfg.ppo
@@ -66,7 +86,8 @@ def build_models(cfg: Config, ctx: DistContext, paths: tuple[str, str, str]):
         rm_lm = _load_lm(cfg, rm_path, torch.float32, ctx)
         if cfg.model.gradient_checkpointing:
             rm_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        token_rm = shard(TokenRewardModel(rm_lm), ctx, param_dtype=dtype)
+        token_rm = shard(TokenRewardModel(rm_lm, reads=cfg.loss.token_rm_reads, head_init=cfg.loss.token_rm_head_init,
+                                          seed=cfg.train.seed), ctx, param_dtype=dtype)
     return policy, reference, token_rm
 
 
@@ -77,7 +98,8 @@ def build_critic(cfg: Config, ctx: DistContext, path: str) -> torch.nn.Module:
     lm = _load_lm(cfg, path, torch.float32, ctx)
     if cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return shard(ValueModel(lm), ctx, param_dtype=param_dtype(cfg, ctx))
+    critic = ValueModel(lm, head_init=cfg.critic.value_head_init, seed=cfg.train.seed)
+    return shard(critic, ctx, param_dtype=param_dtype(cfg, ctx))
 
 
 @dataclass
@@ -122,16 +144,22 @@ def build(cfg: Config, ctx: DistContext) -> Components:
     launcher = EngineLauncher(cfg, ctx, paths[0])  # the engine loads while the trainer's models load
     try:
         policy, reference, token_rm = build_models(cfg, ctx, paths)
-        policy_updates = max(1, cfg.train.steps - cfg.train.freeze_policy_steps)
-        policy_optim, policy_sched = build_optimizer(policy, cfg.policy_optim, ctx, total_updates=policy_updates)
+        policy_optim, policy_sched = build_optimizer(policy, cfg.policy_optim, ctx,
+                                                     total_updates=policy_schedule_ticks(cfg))
         rm_optim = rm_sched = None
         if token_rm is not None:
-            rm_optim, rm_sched = build_optimizer(token_rm, cfg.rm_optim, ctx, total_updates=cfg.train.steps)
+            rm_optim, rm_sched = build_optimizer(token_rm, cfg.rm_optim, ctx,
+                                                 total_updates=schedule_ticks(cfg, cfg.rm_optim))
         critic = critic_optim = critic_sched = None
         if cfg.algorithm == "ppo":
             critic = build_critic(cfg, ctx, critic_dir)
-            critic_optim, critic_sched = build_optimizer(critic, cfg.critic_optim, ctx, total_updates=cfg.train.steps)
-        generator = build_generator(cfg, ctx, policy.lm, launcher.result(object_group), object_group)
+            critic_optim, critic_sched = build_optimizer(critic, cfg.critic_optim, ctx,
+                                                         total_updates=schedule_ticks(cfg, cfg.critic_optim))
+        generator = build_generator(cfg, ctx, policy.lm, launcher.result(object_group), launcher, paths[0])
+        # submit/collect for rollout.max_staleness 1, and the policy version stamped on every rollout
+        from oreal.rollout.overlap import OverlappedGenerator
+
+        generator = OverlappedGenerator(generator, max_staleness=cfg.rollout.max_staleness)
     except BaseException:
         launcher.abandon()
         raise

@@ -33,7 +33,9 @@ checkpointed state.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import sys
 import time
 from contextlib import nullcontext
@@ -41,15 +43,15 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from oreal.runtime.checkpoint import CheckpointManager
-from oreal.runtime.config import Config
+from oreal.runtime.checkpoint import CheckpointError, CheckpointManager
+from oreal.runtime.config import Config, ConfigError
 from oreal.data import TrainingSample
 from oreal.data import pack_rollouts
 from oreal.runtime.distributed import all_reduce_sum
 from oreal.algorithms.filtering import select_samples
 from oreal.algorithms.loss_terms import loss_term_sums
 from oreal.runtime.metrics import MetricsLogger
-from oreal.algorithms.loop import BaseTrainer, PhaseTimer, _rate, apply_update, step_seed  # noqa: F401 (re-exported)
+from oreal.algorithms.loop import ENGINE_LOGPROBS, BaseTrainer, PhaseTimer, _rate, apply_update, step_seed  # noqa: F401 (re-exported)
 from oreal.algorithms.advantages import rloo_advantages
 from oreal.algorithms.token_rm import token_rm_loss
 
@@ -61,7 +63,8 @@ REQUIRED_METRICS = (
     "token_rm/accuracy", "grad_norm/policy", "grad_norm/token_rm", "lr/policy", "lr/token_rm",
     "throughput/tokens_per_s", "throughput/rollout_tokens_per_s", "throughput/train_tokens_per_s", "time/rollout",
     "time/judge", "time/train", "time/sync", "time/step", "faults/skipped_steps", "policy/frozen",
-    "policy/updated", "data/overlong_prompts", "packing/micro_batches", "judge/timeouts",
+    "policy/updated", "data/overlong_prompts", "packing/micro_batches", "judge/timeouts", "rollout/logprob_abs_diff",
+    "rollout/staleness", "rollout/policy_version",
 )
 
 
@@ -127,7 +130,7 @@ class Trainer(BaseTrainer):
                 "policy/frozen": float(frozen), "policy/updated": float(policy_updated),
                 "faults/skipped_steps": float(self.skipped_steps),
                 "packing/micro_batches": float(len(micro_batches)),
-                **self.timing_metrics(timer, policy_stats), **parts.judge.counters()}
+                **self.logprob_gap_metrics(), **self.timing_metrics(timer, policy_stats), **parts.judge.counters()}
 
     # =============================================================================================
     # The pieces of the step
@@ -141,7 +144,8 @@ class Trainer(BaseTrainer):
     def training_samples(prompts, samples, advantages, correct, kept) -> list[TrainingSample]:
         flat = [(p, s) for p, group in zip(prompts, samples) for s in group]
         return [TrainingSample(prompt_ids=flat[i][0].input_ids, response_ids=flat[i][1].token_ids,
-                               advantage=float(advantages[i]), is_positive=bool(correct[i])) for i in kept]
+                               advantage=float(advantages[i]), is_positive=bool(correct[i]),
+                               extras={ENGINE_LOGPROBS: flat[i][1].logprobs}) for i in kept]
 
     def pack(self, kept_local: list[TrainingSample]) -> tuple[list, tuple]:
         """This rank's micro-batches of every rank's kept samples, and the global (positive tokens,
@@ -155,7 +159,7 @@ class Trainer(BaseTrainer):
         everyone = self.gather_samples(kept_local)
         if not everyone:  # every rank sees the same (empty) list: all skip together
             return [], (None, None, None)
-        batches, self.packing_report = pack_rollouts(everyone, max_tokens=self.cfg.train.micro_batch_tokens,
+        batches, self.packing_report = pack_rollouts(everyone, max_tokens=self.machine_budget()[0],
                                                      world_size=ctx.world_size, rank=ctx.rank,
                                                      pad_token_id=self.parts.tokenizer.pad_token_id or 0)
         batches = [b.to(ctx.device) for b in batches]
@@ -204,15 +208,20 @@ class Trainer(BaseTrainer):
         parts.policy.train(train)
         for batch in micro_batches:
             batch.ref_logprobs = parts.reference(batch) if parts.reference is not None else None
+            # Data sampled by older weights (rollout.max_staleness 1): the loss weights each token by the
+            # truncated importance ratio against the engine's log-probs (oreal.ops.loss, "off-policy OREAL").
+            behavior = batch.extras.get(ENGINE_LOGPROBS) if self.data_staleness > 0 else None
             with nullcontext() if train else torch.no_grad():
                 out = parts.policy(batch, rm_scores=batch.rm_scores, ref_logprobs=batch.ref_logprobs,
-                                   pos_tokens=pos_tokens, neg_tokens=neg_tokens)
+                                   pos_tokens=pos_tokens, neg_tokens=neg_tokens, behavior_logprobs=behavior)
+                self.note_logprob_gap(batch, out.logprobs)  # the weights the engine sampled with
                 loss = out.loss * math.nan if poison else out.loss
                 if train:
                     (loss * ctx.world_size).backward()
             sums += loss_term_sums(batch, out._replace(loss=loss), kl_coef=loss_cfg.kl_coef,
                                    pos_coef=loss_cfg.pos_coef, neg_coef=loss_cfg.neg_coef, pos_tokens=pos_tokens,
-                                   neg_tokens=neg_tokens)
+                                   neg_tokens=neg_tokens, behavior_logprobs=behavior,
+                                   importance_cap=loss_cfg.importance_cap)
         total, positive, negative, kl_term, entropy, k3, actions, tokens = all_reduce_sum(sums, ctx).tolist()
         self.trained_tokens = tokens
         return dict(zip(names, (total, positive, negative, kl_term, entropy / actions if actions else math.nan,
@@ -233,8 +242,21 @@ def run(cfg: Config) -> int:
     from oreal.algorithms.assemble import build
     from oreal.runtime.setup_errors import SetupError
     from oreal.runtime.distributed import init_distributed
+    from oreal.runtime.output_folder import check_output_folder, prepare_output_folder
 
+    try:  # every rank reads the folder before any rank writes to it (the barrier below)
+        check_output_folder(cfg.output_dir, resume=bool(cfg.resume), overwrite=cfg.overwrite)
+    except ConfigError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"oreal-train: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     ctx = init_distributed(cfg.train.device)
+    if dist.is_initialized():
+        dist.barrier()
+    if ctx.is_main:
+        prepare_output_folder(cfg.output_dir, resume=bool(cfg.resume), overwrite=cfg.overwrite)
+    if dist.is_initialized():
+        dist.barrier()
     torch.manual_seed(cfg.train.seed)
     parts = None
     try:
@@ -245,11 +267,16 @@ def run(cfg: Config) -> int:
                 print(f"oreal-train: error: {exc}", file=sys.stderr, flush=True)
             return 2
         trainer = trainer_class(cfg.algorithm)(cfg, parts, checkpoints=CheckpointManager(
-            cfg.output_dir, keep_last=cfg.checkpoint.keep_last))
-        start_step = trainer.resume()
-        metrics = MetricsLogger(cfg.output_dir, enabled=ctx.is_main, total_steps=cfg.train.steps,
-                                start_step=start_step, tensorboard=cfg.log.tensorboard,
-                                progress_bar=cfg.log.progress_bar)
+            cfg.output_dir, keep_last=cfg.checkpoint.keep_last, kill_mid_save_step=cfg.debug.kill_mid_save_step))
+        try:
+            start_step = trainer.resume()
+        except CheckpointError as exc:
+            if ctx.is_main:
+                print(f"oreal-train: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        metrics = MetricsLogger.from_log_config(cfg.log, cfg.output_dir, enabled=ctx.is_main,
+                                                total_steps=cfg.train.steps, start_step=start_step,
+                                                run_config=dataclasses.asdict(cfg), name=cfg.algorithm)
         trainer.metrics = metrics
         try:
             trainer.fit(start_step)

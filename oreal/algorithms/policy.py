@@ -24,6 +24,7 @@ class LossCoefficients:
     neg_coef: float
     backend: str = "auto"
     temperature: float = 1.0
+    importance_cap: float = 2.0  # off-policy steps: the truncation of the importance weight (oreal.ops.loss)
 
 
 class PolicyWithLoss(nn.Module):
@@ -35,7 +36,9 @@ class PolicyWithLoss(nn.Module):
         self.coefficients = coefficients
 
     def forward(self, batch: PackedBatch, *, rm_scores: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
-                pos_tokens: torch.Tensor, neg_tokens: torch.Tensor) -> oreal.LossOutput:
+                pos_tokens: torch.Tensor, neg_tokens: torch.Tensor,
+                behavior_logprobs: torch.Tensor | None = None) -> oreal.LossOutput:
+        """`behavior_logprobs`: the sampler's log-probs when the batch is off-policy (older weights), else None."""
         from oreal.model import forward_hidden, lm_head_weight
 
         c = self.coefficients
@@ -43,7 +46,8 @@ class PolicyWithLoss(nn.Module):
         return oreal.fused_oreal_loss(
             hidden, lm_head_weight(self.lm), batch.labels, batch.cu_seqlens, batch.advantages, batch.is_positive,
             rm_scores, ref_logprobs, kl_coef=c.kl_coef, pos_coef=c.pos_coef, neg_coef=c.neg_coef,
-            temperature=c.temperature, pos_tokens=pos_tokens, neg_tokens=neg_tokens, backend=c.backend)
+            temperature=c.temperature, pos_tokens=pos_tokens, neg_tokens=neg_tokens, backend=c.backend,
+            behavior_logprobs=behavior_logprobs, importance_cap=c.importance_cap)
 
 
 class ReferencePolicy(nn.Module):

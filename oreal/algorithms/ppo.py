@@ -9,7 +9,8 @@ One step:
 
      1. sample prompts            this rank's share of the step's global batch (resumable sampler)
      2. rollouts                  K samples per prompt (SimpleRL-Zero: 8) from the engine
-     3. judge                     reward `ppo.reward_correct` / `ppo.reward_wrong` per sample
+     3. judge                     reward `ppo.reward_correct` / `ppo.reward_wrong` per sample (with
+                                  `ppo.reward_rule` "boxed", SimpleRL-Zero's +1 / -0.5 / -1 without a box)
      4. minibatches               all ranks' samples shuffled and split into `ppo.minibatches`, packed
      5. old log-probs, values     no-grad forwards of the policy, the reference (if a KL term needs it) and
                                   the critic over every micro-batch, before any update
@@ -53,8 +54,9 @@ class PPOTrainer(ClippedUpdateTrainer):
 
         # 1-3. This rank's prompts, K rollouts of each from the engine (the current policy), their verdicts.
         prompts, overlong, samples, correct, group_ids = self.collect(step, timer)
-        rewards = self.rewards(correct)  # the final answer's reward, nothing else
-        local_samples = self.training_samples(prompts, samples, torch.zeros_like(rewards), correct)
+        rewards = self.rewards(correct, samples)  # the final answer's reward, nothing else
+        # Each sample's outcome reward rides in its `advantage` until GAE gives the per-token advantages.
+        local_samples = self.training_samples(prompts, samples, rewards, correct)
 
         policy, critic = PolicyPassStats(), CriticPassStats()
         with timer.phase("train"):
@@ -106,13 +108,12 @@ class PPOTrainer(ClippedUpdateTrainer):
         statistics. The backwards recursion runs once for all micro-batches, on the CPU: it is a loop over
         positions whose steps are tiny, which a GPU would spend in kernel launches."""
         cfg, ctx = self.cfg, self.ctx
-        p, c = cfg.ppo, cfg.critic
+        c = cfg.critic
         batches = [b for mb in minibatches for b in mb.micro_batches]
         if not batches:
             return dict.fromkeys(("critic/explained_variance", "critic/value_mean", "critic/return_mean"), math.nan)
-        token_rewards = [kl_penalized_rewards(torch.where(b.is_positive, p.reward_correct, p.reward_wrong).float(),
-                                              b.labels, b.cu_seqlens, b.old_logprobs, b.ref_logprobs,
-                                              c.kl_reward_coef) for b in batches]
+        token_rewards = [kl_penalized_rewards(b.advantages.float(), b.labels, b.cu_seqlens, b.old_logprobs,
+                                              b.ref_logprobs, c.kl_reward_coef) for b in batches]
         labels = torch.cat([b.labels for b in batches]).cpu()
         values = torch.cat([b.extras["old_values"] for b in batches]).cpu()
         lengths = torch.cat([(b.cu_seqlens[1:] - b.cu_seqlens[:-1]).cpu() for b in batches])
@@ -138,20 +139,31 @@ class PPOTrainer(ClippedUpdateTrainer):
     def policy_advantages(self, batch):
         return batch.extras["advantages"]  # per token
 
+    def on_policy(self, minibatches: list[Minibatch]) -> bool:
+        """As GRPO's, unless the KL penalty in the reward needs the old log-probs before GAE."""
+        return super().on_policy(minibatches) and not (self.cfg.critic.kl_reward_coef and
+                                                       self.parts.reference is not None)
+
     def critic_minibatch(self, step: int, mb: Minibatch) -> dict:
-        """The clipped value loss (token mean over the minibatch, all ranks) on every micro-batch, then one update."""
+        """The clipped value loss on every micro-batch, then one update: token mean over the minibatch, all ranks
+        (`critic.loss_agg` "token"), or the mean over its sequences of per-sequence token means ("sequence",
+        OpenRLHF's `ValueLoss`: `masked_mean(loss, action_mask, dim=-1).mean()`)."""
         parts, ctx = self.parts, self.ctx
         parts.critic.train()
         total = torch.zeros((), dtype=torch.float64, device=ctx.device)
         for batch in mb.micro_batches:
             values = parts.critic(batch)
-            loss = clipped_value_loss(values, batch.extras["old_values"], batch.extras["returns"], batch.action_mask,
-                                      self.cfg.critic.value_clip, num_tokens=mb.action_tokens)
+            if self.cfg.critic.loss_agg == "sequence":
+                loss = sequence_mean_value_loss(values, batch, self.cfg.critic.value_clip, mb.sequences)
+            else:
+                loss = clipped_value_loss(values, batch.extras["old_values"], batch.extras["returns"],
+                                          batch.action_mask, self.cfg.critic.value_clip, num_tokens=mb.action_tokens)
             (loss * ctx.world_size).backward()
             total += loss.detach().double()
         loss = float(all_reduce_sum(total.reshape(1), ctx)[0])
         norm, stepped = self.update(step, "critic", parts.critic, parts.critic_optim, self.cfg.critic_optim.grad_clip,
                                     loss)
+        self.tick_per_update(parts.critic_sched, self.cfg.critic_optim)
         return {"loss": loss, "grad_norm": norm, "applied": stepped}
 
     @staticmethod
@@ -185,3 +197,19 @@ class CriticPassStats:
         nan = math.nan
         return {"critic/value_loss": sum(self.losses) / len(self.losses) if self.losses else nan,
                 "grad_norm/critic": sum(self.norms) / len(self.norms) if self.norms else nan}
+
+
+def sequence_mean_value_loss(values: torch.Tensor, batch, clip: float, num_sequences: torch.Tensor) -> torch.Tensor:
+    """The clipped value loss per sequence (token mean over its action tokens), summed over this micro-batch's
+    sequences / `num_sequences` (the minibatch's, all ranks): summed over micro-batches and ranks it is the mean
+    over sequences of per-sequence means (OpenRLHF's `ValueLoss`)."""
+    old, returns, action = batch.extras["old_values"], batch.extras["returns"], batch.action_mask
+    clipped = old + (values - old).clamp(-clip, clip)
+    per_token = torch.where(action, 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), 0.0)
+    lengths = torch.as_tensor(batch.seq_lens, device=values.device)
+    seq = torch.repeat_interleave(torch.arange(len(batch.seq_lens), device=values.device), lengths,
+                                  output_size=batch.num_tokens)
+    sums = torch.zeros(len(batch.seq_lens), dtype=per_token.dtype, device=values.device).index_add(0, seq, per_token)
+    counts = torch.zeros_like(sums).index_add(0, seq, action.to(sums.dtype))
+    per_sequence = torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
+    return per_sequence.sum() / num_sequences.clamp(min=1)

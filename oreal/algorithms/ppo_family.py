@@ -87,3 +87,24 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, sums: torch.Tensor | list[float]
     mean = total / n
     var = max(0.0, (squares - total * total / n) / max(n - 1, 1.0))
     return torch.where(mask, (x - mean) / (var ** 0.5 + eps), 0.0).to(x.dtype)
+
+
+def token_moment_sums(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """float64 `[3]`: token count, sum and sum of squares of per-sequence `values [S]` repeated over each
+    sequence's `lengths [S]` response tokens (a per-sequence advantage counts once per token, as RLinf's masked
+    statistics over `[S, response_len]` count it)."""
+    v, n = values.double(), lengths.double()
+    return torch.stack([n.sum(), (n * v).sum(), (n * v * v).sum()])
+
+
+def whiten_from_sums(values: torch.Tensor, sums, *, unbiased: bool, eps: float = 1e-5) -> torch.Tensor:
+    """RLinf's `masked_normalization` (rlinf/utils/distributed.py) from global `token_moment_sums`:
+    `(x - mean) / (std + eps)`, std biased or unbiased (`var * n / (n - 1)`), float64 throughout."""
+    n, total, squares = (float(x) for x in sums)
+    if n < 1:
+        return torch.zeros_like(values, dtype=torch.float64)
+    mean = total / n
+    var = max(0.0, squares / n - mean * mean)
+    if unbiased and n > 1:
+        var *= n / (n - 1)
+    return (values.double() - mean) / (var ** 0.5 + eps)

@@ -6,13 +6,19 @@ loss then weights each token by how much the running mean of these scores credit
 (`oreal.token_rm_weights`): the tokens the model blames for a wrong answer are pushed down most,
 the ones it credits for a right answer are pushed up most.
 
-The head starts at zero, so every score starts at 0 and the mean logit at 0 (probability 0.5):
-the model learns its credit assignment from the outcomes, which is why OREAL trains it alone for
-the first steps while the policy is frozen.
+The head starts as OREAL's does (`head_init="uniform"`: a fresh `nn.Linear`, U(-1/sqrt(H), 1/sqrt(H))),
+so the first scores are arbitrary: the model learns its credit assignment from the outcomes, which is
+why OREAL trains it alone for the first steps while the policy is frozen. `head_init="zero"` starts
+every score at 0 (probability 0.5) instead; "normal" is OpenRLHF's value-head init (PPO's critic).
+The draw comes from a generator seeded by `seed`, so every rank holds the same head before sharding.
 
 Alignment: `scores[t]` belongs to the action at position t, the token `labels[t] = input_ids[t+1]`.
-It is read from the hidden state at t+1, the position that has seen that token, because the score
-of a token must depend on the token itself.
+`reads="preceding"` (the default, as OREAL: InternLM/OREAL train_oreal.py slices the RM's outputs
+`[-n-1:-1]` exactly as the policy's log-probs) reads it from the hidden state at t, the one before the
+token, where the policy's logit for it is; `reads="following"` reads the state at t+1, which has seen the
+token, so that a token's score depends on the token itself (an option, not the paper's recipe).
+
+The head is `Linear(hidden, 1, bias=False)`, as OREAL's (`token_level_rm.lm_head`).
 """
 
 from __future__ import annotations
@@ -32,11 +38,20 @@ def _hidden_size(lm: nn.Module) -> int:
     return int(size)
 
 
+READS = ("preceding", "following")
+HEAD_INITS = ("uniform", "zero", "normal")
+
+
 class TokenRewardModel(nn.Module):
     """Per-token scores `[T]` of a packed batch, aligned with its labels (0 off action tokens)."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, *, reads: str = "preceding", head_init: str = "uniform", seed: int = 0):
         super().__init__()
+        if reads not in READS:
+            raise ValueError(f"reads: {reads!r} is not one of {', '.join(READS)}")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init: {head_init!r} is not one of {', '.join(HEAD_INITS)}")
+        self.reads = reads
         # The vocabulary projection is never used: drop it (for a 7B model it is about 0.5B parameters
         # and their optimizer state). A tied lm_head shares the embedding, which the body keeps.
         if hasattr(lm, "lm_head"):
@@ -44,18 +59,37 @@ class TokenRewardModel(nn.Module):
         if hasattr(lm, "config"):
             lm.config.tie_word_embeddings = False
         self.lm = lm
-        self.score_head = nn.Linear(_hidden_size(lm), 1)
-        nn.init.zeros_(self.score_head.weight)
-        nn.init.zeros_(self.score_head.bias)
+        self.score_head = nn.Linear(_hidden_size(lm), 1, bias=False)
+        _init_head(self.score_head.weight, head_init, seed)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
         from oreal.model import forward_hidden
 
         hidden = forward_hidden(self.lm, batch)  # [T, H]
-        raw = self.score_head(hidden).squeeze(-1).float()  # score of the token at each position
-        aligned = torch.zeros_like(raw)
-        aligned[:-1] = raw[1:]  # labels[t] is the token at t+1
+        raw = self.score_head(hidden).squeeze(-1).float()
+        if self.reads == "preceding":
+            aligned = raw  # the state at t, which predicts labels[t]
+        else:
+            aligned = torch.zeros_like(raw)
+            aligned[:-1] = raw[1:]  # labels[t] is the token at t+1
         return torch.where(batch.labels != IGNORE_INDEX, aligned, 0.0)
+
+
+@torch.no_grad()
+def _init_head(weight: torch.Tensor, how: str, seed: int) -> None:
+    """`uniform`: U(-1/sqrt(H), 1/sqrt(H)), the bound of torch's `nn.Linear` init (OREAL's fresh head);
+    `normal`: N(0, (1/(H + 1))^2), OpenRLHF's value head; `zero`: zeros."""
+    if how == "zero":
+        weight.zero_()
+        return
+    generator = torch.Generator().manual_seed(seed)
+    fan_in = weight.shape[1]
+    if how == "uniform":
+        bound = 1.0 / fan_in ** 0.5
+        draw = torch.rand(weight.shape, generator=generator, dtype=torch.float64) * (2 * bound) - bound
+    else:
+        draw = torch.randn(weight.shape, generator=generator, dtype=torch.float64) / (fan_in + 1)
+    weight.copy_(draw.to(weight.dtype))
 
 
 def sequence_mean_scores(scores: torch.Tensor, batch: PackedBatch) -> torch.Tensor:

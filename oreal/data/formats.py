@@ -225,11 +225,17 @@ def parse_row(row: dict, format: str, *, path="<memory>", line: int = 0) -> Prom
 def iter_jsonl(path) -> Iterator[tuple[int, Any]]:
     """(line number, decoded JSON) for each non-blank line; bad JSON raises `PromptFormatError`."""
     try:
-        handle = open(path, encoding="utf-8")
+        handle = open(path, "rb")  # decoded line by line, so a bad byte is reported with its line
     except OSError as error:
         raise PromptFormatError(path, None, f"cannot open ({error.strerror})") from error
     with handle:
-        for number, text in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise PromptFormatError(path, number, (
+                    f"not UTF-8 text (byte 0x{raw[error.start]:02x} at byte {error.start + 1} of the line); "
+                    "re-encode the file as UTF-8")) from None
             if not text.strip():
                 continue
             try:

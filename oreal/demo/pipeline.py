@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cpu.py"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_cpu.py"  # the repository's configs/
 NPROC = 2
 STAGE_TIMEOUT_S = 3600.0
 
@@ -112,7 +112,8 @@ def torchrun(module: str, args: list[str]) -> list[str]:
 
 def rl_args(config_path: Path, out: Path, run: str, paths: dict, seed: int, sft_dir: Path,
             extra: list[str]) -> list[str]:
-    return ["--config", str(config_path), "--output-dir", str(out / run), "--model.path", str(sft_dir),
+    # --overwrite: a rerun of the demo into the same folder starts each run afresh, knowingly.
+    return ["--config", str(config_path), "--output-dir", str(out / run), "--overwrite", "--model.path", str(sft_dir),
             "--data.train_files", str(paths["rl"]), "--eval.files", str(paths["heldout"]),
             "--train.seed", str(seed), "--data.seed", str(seed), *extra]
 
@@ -203,9 +204,10 @@ def run_demo(output_dir: str | Path, seed: int = 0, *, config_path: str | Path =
 
     # 2. SFT.
     sft_dir = out / "sft"
+    # --overwrite: a rerun of the demo into the same folder starts its SFT afresh (oreal.runtime.output_folder).
     sft_cmd = torchrun("oreal.algorithms.sft", ["--config", str(config_path), "--output-dir", str(sft_dir),
-                                     "--data.train_file", str(paths["train"]), "--train.seed", str(seed),
-                                     *options(list(sft_options))])
+                                                "--overwrite", "--data.train_file", str(paths["train"]),
+                                                "--train.seed", str(seed), *options(list(sft_options))])
     echo(f"[sft] torchrun x{NPROC}: fine-tuning a tiny Qwen2 (log: {out / 'sft.log'})")
     timings["sft"] = run_stage("sft", sft_cmd, out / "sft.log")
     model_dir = sft_dir / "hf"
@@ -329,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rl", action="append", default=[], metavar="KEY=VALUE",
                         help="override an RL option for OREAL and GRPO, e.g. --rl train.steps=10 (repeatable)")
     parser.add_argument("--skip-grpo", action="store_true", help="run OREAL only")
+    parser.add_argument("--data-only", action="store_true",
+                        help="write the data files (OUTPUT/data/train.jsonl, rl.jsonl, heldout.jsonl) and stop: the "
+                             "first step of running the stages by hand (oreal-sft, oreal-train, oreal-eval)")
     return parser
 
 
@@ -338,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # the in-process evaluations load models; keep the console to the stages
     try:
+        if args.data_only:
+            paths = load_config_module(args.config).task().write(Path(args.output_dir) / "data", seed=args.seed)
+            print("\n".join(f"[data] {split}: {path}" for split, path in paths.items()))
+            return 0
         run_demo(args.output_dir, args.seed, config_path=args.config, sft_options=args.sft, rl_options=args.rl,
                  skip_grpo=args.skip_grpo)
     except DemoError as exc:

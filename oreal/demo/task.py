@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from oreal.data.sft_records import read_sft_records as read_jsonl  # noqa: F401 (the demo's SFT files)
+from oreal.data.sft_records import read_sft_rows as read_jsonl  # noqa: F401 (the demo's SFT files, as dicts)
 
 SPLITS = ("train", "rl", "heldout")
 # Share of the chain space each split owns (by hash): enough held-out chains for a few hundred

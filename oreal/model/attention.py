@@ -1,25 +1,37 @@
 """Variable-length attention backends for packed rows, plugged into transformers' `AttentionInterface`.
 
 A packed row holds many sequences; attention must stay causal inside each and never cross a
-boundary. Three backends do this from the row's `cu_seqlens`:
+boundary. Three backends do this from the row's sequence lengths, none of them with a `[T, T]` mask:
 
-| name         | kernel                                             | runs on        |
-|--------------|----------------------------------------------------|----------------|
-| `flash_attn` | `flash_attn.flash_attn_varlen_func` (cu_seqlens)    | CUDA           |
-| `xformers`   | `xformers.ops.memory_efficient_attention` with a `BlockDiagonalCausalMask` | CUDA |
-| `sdpa`       | `torch.nn.functional.scaled_dot_product_attention` with a block-diagonal causal bool mask `[T, T]` | anywhere |
+- `flash_attn`: `flash_attn.flash_attn_varlen_func` with int32 `cu_seqlens`; CUDA, fp16/bf16;
+- `xformers`: `xformers.ops.fmha.memory_efficient_attention` on 4-D `[1, T, Hq, D]` tensors, K/V
+  expanded to the query heads, with one `BlockDiagonalCausalMask` per forward; CUDA, fp16/bf16/fp32;
+- `sdpa`: `torch.nn.functional.scaled_dot_product_attention(is_causal=True)` once per sequence;
+  any device, any float dtype.
 
-`auto` picks the first available in that order for the device. flash-attn and xformers are
-imported only when chosen. The SDPA mask costs `T^2` bytes, built once per forward; it is the
-CPU path and the fallback, not the fast one.
+`auto` picks the first backend in that order that can run on the device (and, when known, in the
+compute dtype). flash-attn and xformers are imported only when chosen.
 
-Each backend is registered under `oreal_<name>` (e.g. `oreal_flash_attn`) both as an attention
-function and as a mask function, so a model loaded with `attn_implementation="oreal_sdpa"` works
+Why the SDPA backend runs one call per sequence: a dense block-diagonal mask costs `T^2` bytes
+(1 GiB at 32k tokens) and keeps SDPA off its flash kernels. FlexAttention's document mask would
+be block-sparse, but in torch 2.14 it has no backward on CPU (NotImplementedError, measured), so it
+could not be the tested CPU path; per-sequence SDPA is exact, uses the fused (O(L) memory) SDPA
+kernels on CPU and CUDA, and costs one kernel launch per sequence and layer.
+
+Why xformers gets 4-D tensors: its 5-D grouped-query form (`[B, M, G, H, K]` with broadcast K/V)
+is supported in the forward only; the backward has no operator for it, so training would raise.
+The price: with grouped-query models the K/V saved for the backward are `Hq / Hkv` times larger
+than flash-attn's (which reads the kv heads directly); activation checkpointing bounds it to a layer.
+
+Each backend is registered under a name of its own, both as an attention function and as a mask
+function. transformers treats any `attn_implementation` containing "flash" as a request for its
+own flash-attention loader (`is_flash_attention_requested` is a substring test) and refuses names
+it does not know, so no registered name contains "flash". A model loaded with one of them works
 in two modes:
 
 - packed (inside `oreal.model.forward_hidden`): the forward passes a `VarlenMetadata` as the
   keyword `oreal_varlen`, which transformers hands down to every attention call, and the mask
-  function returns the block-diagonal mask (SDPA) or nothing (flash-attn, xformers need none);
+  function returns no mask;
 - plain (anything else, e.g. `generate()` on the same model): transformers builds its usual
   SDPA mask and attention falls back to its SDPA implementation, padding masks included.
 """
@@ -35,7 +47,19 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("flash_attn", "xformers", "sdpa")
-PREFIX = "oreal_"
+
+# The `attn_implementation` names transformers knows the backends by (see the module docstring for
+# why none contains "flash").
+IMPLEMENTATIONS = {"flash_attn": "oreal_fa_varlen", "xformers": "oreal_xformers_varlen", "sdpa": "oreal_sdpa_varlen"}
+
+# Device types the optional kernels run on; tests that substitute CPU stand-ins widen this.
+KERNEL_DEVICE_TYPES = {"flash_attn": ("cuda",), "xformers": ("cuda",)}
+KERNEL_DTYPES = {"flash_attn": (torch.float16, torch.bfloat16),
+                 "xformers": (torch.float16, torch.bfloat16, torch.float32)}
+_PACKAGES = {"flash_attn": "flash_attn", "xformers": "xformers"}
+_INSTALL_HINTS = {"flash_attn": "build it from source against a CUDA torch: "
+                                "pip install flash-attn --no-build-isolation",
+                  "xformers": "pip install xformers (a wheel matching your torch)"}
 
 _PACKED: contextvars.ContextVar[VarlenMetadata | None] = contextvars.ContextVar("oreal_packed", default=None)
 
@@ -43,68 +67,74 @@ _PACKED: contextvars.ContextVar[VarlenMetadata | None] = contextvars.ContextVar(
 class VarlenMetadata:
     """Sequence boundaries of one packed row, shared by every attention layer of one forward.
 
-    `cu_seqlens [S+1]` int32 on the row's device; `max_seqlen` and `seq_lens` are host-side, so no
-    layer needs a device sync. Derived masks are built once and cached here.
+    `cu_seqlens [S+1]` int32, contiguous, on the row's device; `max_seqlen` and `seq_lens` are
+    host-side, so no layer needs a device sync. Per-forward objects (xformers' mask) are built on
+    first use and cached here, so every layer (and activation-checkpoint recomputation) reuses them.
     """
 
     def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, seq_lens: Sequence[int]):
-        self.cu_seqlens = cu_seqlens.to(torch.int32)
+        self.cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
         self.max_seqlen = int(max_seqlen)
         self.seq_lens = tuple(int(n) for n in seq_lens)
         self.num_tokens = sum(self.seq_lens)
-        self._sdpa_mask: torch.Tensor | None = None
         self._xformers_bias = None
 
-    def sdpa_mask(self) -> torch.Tensor:
-        """`[1, 1, T, T]` bool, True where query t may attend key u: same sequence and u <= t."""
-        if self._sdpa_mask is None:
-            device = self.cu_seqlens.device
-            lens = torch.tensor(self.seq_lens, device=device)
-            seq = torch.repeat_interleave(torch.arange(len(self.seq_lens), device=device), lens,
-                                          output_size=self.num_tokens)
-            index = torch.arange(self.num_tokens, device=device)
-            self._sdpa_mask = ((seq[:, None] == seq[None, :]) & (index[None, :] <= index[:, None]))[None, None]
-        return self._sdpa_mask
+    def xformers_bias(self, device: torch.device):
+        """xformers' `BlockDiagonalCausalMask` for this row on `device`, built once per forward."""
+        if self._xformers_bias is None:
+            fmha = _xformers_fmha()
+            self._xformers_bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(list(self.seq_lens),
+                                                                                     device=device)
+        return self._xformers_bias
 
 
 # ---------------------------------------------------------------------------------------------
 # Availability
 
 
-def _missing_reason(backend: str, device: torch.device) -> str | None:
-    """Why `backend` cannot run on `device`, or None when it can."""
+def _dtype_reason(backend: str, dtype: torch.dtype) -> str:
+    names = ", ".join(str(d).removeprefix("torch.") for d in KERNEL_DTYPES[backend])
+    return f"{backend} computes in {names} only, and the model computes in {str(dtype).removeprefix('torch.')}"
+
+
+def _missing_reason(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """Why `backend` cannot run on `device` (in `dtype`, when given), or None when it can."""
     if backend == "sdpa":
         return None
-    package = {"flash_attn": "flash_attn", "xformers": "xformers"}[backend]
-    if device.type != "cuda":
-        return f"{backend} runs on CUDA devices only, and the model is on {device.type}; use attn_backend='sdpa'"
-    if importlib.util.find_spec(package) is None:
-        hint = ("pip install flash-attn --no-build-isolation (builds against a CUDA torch)"
-                if backend == "flash_attn" else "pip install xformers (a wheel matching your torch)")
-        return f"{backend} is not installed ({hint})"
+    if device.type not in KERNEL_DEVICE_TYPES[backend]:
+        return (f"{backend} runs on {' or '.join(d.upper() for d in KERNEL_DEVICE_TYPES[backend])} devices only, "
+                f"and the model runs on {device.type}; use attn_backend='sdpa'")
+    if dtype is not None and dtype not in KERNEL_DTYPES[backend]:
+        return _dtype_reason(backend, dtype)
+    if importlib.util.find_spec(_PACKAGES[backend]) is None:
+        return f"{backend} is not installed ({_INSTALL_HINTS[backend]})"
     try:
-        _flash_kernel() if backend == "flash_attn" else _xformers_kernel()
+        _flash_varlen_func() if backend == "flash_attn" else _xformers_fmha()
     except Exception as error:  # an installed package built against another torch fails here
         return f"{backend} is installed but cannot be imported: {type(error).__name__}: {error}"
     return None
 
 
-def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
-    """Backend name -> None when it can run on `device`, else the reason it cannot."""
+def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> dict[str, str | None]:
+    """Backend name -> None when it can run on `device` (in `dtype`, when given), else the reason it cannot."""
     device = torch.device(device)
-    return {name: _missing_reason(name, device) for name in BACKENDS}
+    return {name: _missing_reason(name, device, dtype) for name in BACKENDS}
 
 
-def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
-    """`name` ("auto" or one of `BACKENDS`) checked against `device`; ValueError says why not."""
+def resolve_backend(name: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> str:
+    """`name` ("auto" or one of `BACKENDS`) checked against the device (and compute dtype) the forward runs on.
+
+    "auto" is the first of `BACKENDS` that can run there; a backend asked for by name that cannot
+    raises ValueError saying why.
+    """
     device = torch.device(device)
     if name == "auto":
         for candidate in BACKENDS:
-            if _missing_reason(candidate, device) is None:
+            if _missing_reason(candidate, device, dtype) is None:
                 return candidate
     if name not in BACKENDS:
         raise ValueError(f"attn_backend: unknown attention backend {name!r}; expected 'auto' or one of {BACKENDS}")
-    reason = _missing_reason(name, device)
+    reason = _missing_reason(name, device, dtype)
     if reason is not None:
         raise ValueError(f"attn_backend: {name!r} is not available: {reason}")
     return name
@@ -112,35 +142,31 @@ def resolve_backend(name: str, device: torch.device | str = "cpu") -> str:
 
 def implementation_name(backend: str) -> str:
     """The `attn_implementation` string transformers knows the backend by."""
-    return PREFIX + backend
+    return IMPLEMENTATIONS[backend]
 
 
 def backend_of_implementation(implementation: str | None) -> str | None:
     """The backend behind an `attn_implementation` string, or None when it is not one of ours."""
-    if implementation and implementation.startswith(PREFIX) and implementation[len(PREFIX):] in BACKENDS:
-        return implementation[len(PREFIX):]
+    for backend, name in IMPLEMENTATIONS.items():
+        if implementation == name:
+            return backend
     return None
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels (imported lazily; tests may substitute a reference with the same contract)
+# Kernels (imported lazily, so tests can install stand-in modules under the same names)
 
 
-def _flash_kernel() -> Callable:
+def _flash_varlen_func() -> Callable:
     from flash_attn import flash_attn_varlen_func
 
     return flash_attn_varlen_func
 
 
-def _xformers_kernel() -> Callable:
-    """`kernel(q, k, v, seq_lens, p, scale)` on `[1, T, G, Hg, D]` tensors (xformers' BMGHK layout)."""
+def _xformers_fmha():
     from xformers.ops import fmha
 
-    def kernel(q, k, v, seq_lens, p, scale):
-        bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(list(seq_lens))
-        return fmha.memory_efficient_attention(q, k, v, attn_bias=bias, p=p, scale=scale)
-
-    return kernel
+    return fmha
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +183,19 @@ def _check_packed(query: torch.Tensor, meta: VarlenMetadata, sliding_window) -> 
         raise ValueError("sliding-window attention is not supported by the packed attention backends")
 
 
+def _check_dtype(backend: str, query: torch.Tensor) -> None:
+    if query.dtype not in KERNEL_DTYPES[backend]:
+        raise ValueError(f"attn_backend {backend!r}: {_dtype_reason(backend, query.dtype)}; compute in bfloat16 "
+                         "(model.param_dtype) or use attn_backend='sdpa'")
+
+
+def _repeat_kv_heads(states: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """`[1, Hkv, T, D]` -> `[1, num_heads, T, D]`: query head h reads kv head h // (num_heads // Hkv),
+    transformers' `repeat_kv` order (and flash-attn's GQA order)."""
+    group = num_heads // states.shape[1]
+    return states if group == 1 else states.repeat_interleave(group, dim=1)
+
+
 def _fallback(module, query, key, value, attention_mask, dropout, scaling, kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -164,15 +203,26 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, kwarg
                                   **kwargs)
 
 
+def sdpa_per_sequence(query, key, value, seq_lens: Sequence[int], dropout: float = 0.0, scaling=None) -> torch.Tensor:
+    """Causal SDPA over each sequence of a packed row on its own: `[1, Hq, T, D]` in, `[1, T, Hq, Dv]` out."""
+    if key.shape[1] != query.shape[1] and query.device.type == "cuda" and query.dtype not in (torch.float16,
+                                                                                              torch.bfloat16):
+        # SDPA's memory-efficient CUDA kernel (the fused one that takes fp32) needs as many kv heads as query
+        # heads; with fewer, SDPA falls back to its O(L^2)-memory math path. Expanding K/V keeps it fused.
+        key, value = _repeat_kv_heads(key, query.shape[1]), _repeat_kv_heads(value, query.shape[1])
+    enable_gqa = key.shape[1] != query.shape[1]
+    pieces = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
+                                             enable_gqa=enable_gqa).transpose(1, 2)
+              for q, k, v in zip(*(x.split(seq_lens, dim=2) for x in (query, key, value)))]
+    return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()
+
+
 def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                           sliding_window=None, oreal_varlen: VarlenMetadata | None = None, **kwargs):
     if oreal_varlen is None:
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     _check_packed(query, oreal_varlen, sliding_window)
-    enable_gqa = key.shape[1] != query.shape[1]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=oreal_varlen.sdpa_mask(), dropout_p=dropout,
-                                         scale=scaling, enable_gqa=enable_gqa)
-    return out.transpose(1, 2).contiguous(), None
+    return sdpa_per_sequence(query, key, value, oreal_varlen.seq_lens, dropout, scaling), None
 
 
 def flash_varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -180,9 +230,12 @@ def flash_varlen_attention(module, query, key, value, attention_mask, dropout: f
     if oreal_varlen is None:
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     _check_packed(query, oreal_varlen, sliding_window)
-    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]; flash-attn handles GQA
+    _check_dtype("flash_attn", query)
+    # [T, H, D] views with a unit last stride, as the kernel needs; flash-attn does GQA itself.
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
     cu, max_len = oreal_varlen.cu_seqlens, oreal_varlen.max_seqlen
-    out = _flash_kernel()(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling, causal=True)
+    out = _flash_varlen_func()(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling,
+                               causal=True)
     return out.unsqueeze(0), None
 
 
@@ -191,15 +244,15 @@ def xformers_varlen_attention(module, query, key, value, attention_mask, dropout
     if oreal_varlen is None:
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     _check_packed(query, oreal_varlen, sliding_window)
-    _, num_heads, num_tokens, head_dim = query.shape
-    kv_heads = key.shape[1]
-    group = num_heads // kv_heads
-    # Query head h reads kv head h // group (transformers' repeat_kv order): [1, T, Hkv, group, D].
-    q = query.transpose(1, 2).reshape(1, num_tokens, kv_heads, group, head_dim)
-    k = key.transpose(1, 2)[:, :, :, None, :].expand(1, num_tokens, kv_heads, group, head_dim)
-    v = value.transpose(1, 2)[:, :, :, None, :].expand(1, num_tokens, kv_heads, group, value.shape[-1])
-    out = _xformers_kernel()(q, k, v, oreal_varlen.seq_lens, dropout, scaling)
-    return out.reshape(1, num_tokens, num_heads, value.shape[-1]), None
+    _check_dtype("xformers", query)
+    num_heads = query.shape[1]
+    # BMHK [1, T, Hq, D], K/V expanded to the query heads: xformers' 5-D grouped-query form has no backward.
+    q = query.transpose(1, 2)
+    k = _repeat_kv_heads(key, num_heads).transpose(1, 2)
+    v = _repeat_kv_heads(value, num_heads).transpose(1, 2)
+    out = _xformers_fmha().memory_efficient_attention(q, k, v, attn_bias=oreal_varlen.xformers_bias(query.device),
+                                                      p=dropout, scale=scaling)
+    return out, None
 
 
 ATTENTION_FUNCTIONS = {"sdpa": sdpa_varlen_attention, "flash_attn": flash_varlen_attention,
@@ -212,14 +265,13 @@ ATTENTION_FUNCTIONS = {"sdpa": sdpa_varlen_attention, "flash_attn": flash_varlen
 
 def _mask_function(backend: str) -> Callable:
     def mask(*args, **kwargs):
-        meta = _PACKED.get()
-        if meta is None:  # plain forward: transformers' own SDPA mask (causal, padding, packed position ids)
+        if _PACKED.get() is None:  # plain forward: transformers' own SDPA mask (causal, padding, packed position ids)
             from transformers.masking_utils import sdpa_mask
 
             return sdpa_mask(*args, **kwargs)
-        return meta.sdpa_mask() if backend == "sdpa" else None
+        return None  # packed: the backends take the boundaries from `oreal_varlen`, no mask is built
 
-    mask.__name__ = f"{PREFIX}{backend}_mask"
+    mask.__name__ = f"{implementation_name(backend)}_mask"
     return mask
 
 
@@ -237,7 +289,7 @@ _registered = False
 
 
 def register_backends() -> None:
-    """Registers `oreal_<backend>` with transformers' attention and mask interfaces (idempotent)."""
+    """Registers every backend's implementation name with transformers' attention and mask interfaces (idempotent)."""
     global _registered
     if _registered:
         return

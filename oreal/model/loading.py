@@ -3,7 +3,7 @@
     model = load_causal_lm("/models/Qwen2.5-7B", dtype=torch.bfloat16, device="cuda")   # local files only
     model = load_causal_lm(tiny_qwen2_config(), dtype=torch.float32)                    # random init
 
-The model's `attn_implementation` becomes `oreal_<backend>` (see `oreal.model.attention`):
+The model's `attn_implementation` becomes the backend's registered name (`oreal.model.attention.IMPLEMENTATIONS`):
 packed forwards go through `forward_hidden`, and ordinary forwards and `generate()` still work.
 """
 
@@ -47,16 +47,20 @@ def _check_config(config) -> None:
 
 
 def load_causal_lm(path_or_config, *, dtype=torch.bfloat16, attn_backend: str = "auto", device=None,
-                   liger: bool | str | None = "auto", trust_remote_code: bool = False):
+                   liger: bool | str | None = "auto", trust_remote_code: bool = False, compute_device=None,
+                   compute_dtype=None):
     """A causal LM ready for packed forwards.
 
     Args:
         path_or_config: a local checkpoint directory (nothing is downloaded) or a `PretrainedConfig`
             (random weights, e.g. `oreal.model.tiny.tiny_qwen2_config()`).
         dtype: parameter dtype (torch dtype, a name such as "bfloat16", or "auto" for the checkpoint's).
-        attn_backend: "auto", "flash_attn", "xformers" or "sdpa"; one asked for by name that cannot
-            run on `device` raises ValueError saying why.
+        attn_backend: "auto", "flash_attn", "xformers" or "sdpa", chosen for `compute_device` and
+            `compute_dtype`; one asked for by name that cannot run there raises ValueError saying why.
         device: where to put the model (default: stays on CPU).
+        compute_device, compute_dtype: where and in which dtype the forwards will run, when that is
+            not `device` and `dtype` (e.g. fp32 master weights loaded on CPU, then sharded onto CUDA
+            by FSDP2 with a bf16 mixed-precision policy); they only steer the backend choice.
         liger: True applies Liger's RMSNorm/RoPE/SwiGLU (ValueError if it cannot), False never,
             "auto" when on CUDA with liger-kernel installed.
     """
@@ -66,7 +70,12 @@ def load_causal_lm(path_or_config, *, dtype=torch.bfloat16, attn_backend: str = 
     target = torch.device(device) if device is not None else torch.device("cpu")
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {device!r} was asked for, but torch sees no CUDA device here")
-    backend = resolve_backend(attn_backend, target)
+    run_on = torch.device(compute_device) if compute_device is not None else target
+    if run_on.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"compute_device: {compute_device!r} was asked for, but torch sees no CUDA device here")
+    run_in = _resolve_dtype(compute_dtype) if compute_dtype is not None else dtype
+    run_in = None if run_in == "auto" else run_in
+    backend = resolve_backend(attn_backend, run_on, run_in)
     register_backends()
     implementation = implementation_name(backend)
     if isinstance(path_or_config, PretrainedConfig):
@@ -103,11 +112,16 @@ def attn_backend_of(model) -> str | None:
     return backend_of_implementation(getattr(model.config, "_attn_implementation", None))
 
 
-def set_attn_backend(model, attn_backend: str = "auto", device=None) -> str:
-    """Switches a loaded model to a packed backend (e.g. one loaded without `load_causal_lm`); returns its name."""
-    if device is None:
-        device = next(model.parameters()).device
-    backend = resolve_backend(attn_backend, device)
+def set_attn_backend(model, attn_backend: str = "auto", device=None, dtype: torch.dtype | None = None) -> str:
+    """Switches a loaded model to a packed backend (e.g. one loaded without `load_causal_lm`); returns its name.
+
+    `device` and `dtype` are where and in which dtype its forwards run (default: its parameters').
+    """
+    if device is None or dtype is None:
+        parameter = next(model.parameters())
+        device = parameter.device if device is None else device
+        dtype = parameter.dtype if dtype is None else dtype
+    backend = resolve_backend(attn_backend, device, dtype)
     register_backends()
     implementation = implementation_name(backend)
     if hasattr(model, "set_attn_implementation"):

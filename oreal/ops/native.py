@@ -7,8 +7,9 @@ what torch needs around them, so that they work under autograd and `torch.compil
 - fake (meta) implementations, giving output shapes without running anything;
 - an autograd formula for the two loss ops, `linear_logprob_loss_fwd` (OREAL) and
   `linear_policy_loss_fwd` (PPO's clipped surrogate). Each op computes the gradients of the loss
-  w.r.t. `hidden` and `weight` during its forward, chunk by chunk; backward only scales them by
-  the incoming gradient of the loss. In eager mode it scales in place, so that the fp32 weight
+  w.r.t. `hidden` and `weight` during its forward, chunk by chunk, stored times `grad_scale` (a
+  power of two keeping fp16 gradients out of the subnormals, its last output); backward only scales
+  them by `grad_output / grad_scale`, in fp32. In eager mode it scales in place, so that the fp32 weight
   gradient (as large as the weight) is never held twice; a second backward through the same graph
   is then refused by autograd's saved-tensor version check.
 
@@ -62,6 +63,7 @@ if _C is not None:
             hidden.new_empty((num_tokens,), **f32),
             hidden.new_empty(tuple(hidden.shape) if grad_hidden else (0,)),
             hidden.new_empty(tuple(weight.shape) if grad_weight else (0,), **f32),
+            hidden.new_empty((), **f32),
         )
 
     @torch.library.register_fake("oreal_native::linear_logprob_loss_fwd")
@@ -81,17 +83,17 @@ if _C is not None:
 
     def _setup_context(ctx, inputs, output):
         weight = inputs[1]
-        _loss, logprobs, entropy, grad_hidden, grad_weight = output
-        ctx.mark_non_differentiable(logprobs, entropy, grad_hidden, grad_weight)
+        _loss, logprobs, entropy, grad_hidden, grad_weight, grad_scale = output
+        ctx.mark_non_differentiable(logprobs, entropy, grad_hidden, grad_weight, grad_scale)
         # Otherwise autograd hands backward zero-filled gradients for every unused output, the two
         # gradient buffers included: as much memory again as the gradients themselves.
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_scale)
         ctx.weight_dtype = weight.dtype
         ctx.num_inputs = len(inputs)
 
-    def _backward(ctx, grad_loss, _grad_logprobs, _grad_entropy, _grad_gh, _grad_gw):
-        grad_hidden, grad_weight = ctx.saved_tensors
+    def _backward(ctx, grad_loss, _grad_logprobs, _grad_entropy, _grad_gh, _grad_gw, _grad_scale):
+        grad_hidden, grad_weight, grad_scale = ctx.saved_tensors
         num_inputs = ctx.num_inputs
         if grad_loss is None:  # the loss itself received no gradient
             return (None,) * num_inputs
@@ -101,9 +103,9 @@ if _C is not None:
         in_place = is_eager(grad_loss, grad_hidden, grad_weight)
         out_hidden = out_weight = None
         if want_hidden and grad_hidden.dim() == 2:  # [0] when the op was told not to compute it
-            out_hidden = scale_saved_gradient(grad_hidden, grad_loss, in_place, grad_hidden.dtype)
+            out_hidden = scale_saved_gradient(grad_hidden, grad_loss, in_place, grad_hidden.dtype, grad_scale)
         if want_weight and grad_weight.dim() == 2:
-            out_weight = scale_saved_gradient(grad_weight, grad_loss, in_place, ctx.weight_dtype)
+            out_weight = scale_saved_gradient(grad_weight, grad_loss, in_place, ctx.weight_dtype, grad_scale)
         return (out_hidden, out_weight) + (None,) * (num_inputs - 2)
 
     for _op in ("linear_logprob_loss_fwd", "linear_policy_loss_fwd"):
@@ -126,7 +128,7 @@ def linear_logprob_loss(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight
     want_weight = grad_enabled and weight.requires_grad
     if not isinstance(kl_weight, torch.Tensor):
         kl_weight = torch.tensor(float(kl_weight), dtype=torch.float32, device=hidden.device)
-    loss, logprobs, entropy, _, _ = torch.ops.oreal_native.linear_logprob_loss_fwd(
+    loss, logprobs, entropy, *_ = torch.ops.oreal_native.linear_logprob_loss_fwd(
         hidden, weight, labels, pg_coef, ref_logprobs, kl_weight.to(torch.float32), float(temperature),
         int(chunk_size or 0), want_hidden, want_weight)
     return loss, logprobs, entropy
@@ -150,7 +152,7 @@ def linear_policy_loss(hidden, weight, labels, advantages, old_logprobs, token_s
     grad_enabled = torch.is_grad_enabled()
     want_hidden = grad_enabled and hidden.requires_grad
     want_weight = grad_enabled and weight.requires_grad
-    loss, logprobs, entropy, _, _ = torch.ops.oreal_native.linear_policy_loss_fwd(
+    loss, logprobs, entropy, *_ = torch.ops.oreal_native.linear_policy_loss_fwd(
         hidden, weight, labels, advantages, old_logprobs, token_scale, ref_logprobs, kl_scale, float(clip_low),
         float(clip_high), float(temperature), int(chunk_size or 0), want_hidden, want_weight)
     stats = _clip_statistics(logprobs, labels, advantages, old_logprobs, float(clip_low), float(clip_high))

@@ -56,10 +56,41 @@ def is_eager(*tensors) -> bool:
         return False
 
 
-def scale_saved_gradient(grad: torch.Tensor, grad_loss: torch.Tensor, in_place: bool, dtype: torch.dtype):
-    """A gradient formed in forward, times the loss's incoming gradient, as `dtype`; in place when allowed."""
-    factor = grad_loss.to(grad.dtype)
-    return (grad.mul_(factor) if in_place else grad * factor).to(dtype)
+# Elements per block when a 16-bit gradient is rescaled in place through fp32 (a 64 MiB temporary).
+_RESCALE_BLOCK = 1 << 24
+
+
+def gradient_scale(bound: torch.Tensor) -> torch.Tensor:
+    """A power of two `sigma` with `bound * sigma` in (1/2, 1], as a 0-d fp32 tensor on the device.
+
+    Per-token coefficients are ~1/N (N: global action tokens, up to ~1e7), so 16-bit logit and hidden
+    gradients would flush to zero before a loss scaler's factor arrives; stored times `sigma` they
+    stay O(1). A power of two makes the scaling and the unscaling exact.
+    """
+    bound = bound.float().clamp(min=2.0 ** -60)
+    return torch.exp2(-torch.ceil(torch.log2(bound)))
+
+
+def scale_saved_gradient(grad: torch.Tensor, grad_loss: torch.Tensor, in_place: bool, dtype: torch.dtype,
+                         grad_scale: torch.Tensor | None = None):
+    """A gradient formed in forward (stored times `grad_scale`, when given) times the loss's incoming
+    gradient, as `dtype`; in place when allowed.
+
+    The factor `grad_loss / grad_scale` is applied in fp32 whatever the gradient's dtype: rounded to
+    bf16 first, grad_output = 1/3 would bias every gradient by +0.2%, and a loss scaler's 2^16 would
+    overflow fp16 outright.
+    """
+    wide = torch.float64 if grad.dtype == torch.float64 else torch.float32
+    factor = grad_loss.to(wide)
+    if grad_scale is not None:
+        factor = factor / grad_scale.to(wide)
+    if grad.dtype == wide:
+        return (grad.mul_(factor) if in_place else grad * factor).to(dtype)
+    if not in_place:
+        return (grad.to(wide) * factor).to(dtype)
+    for block in grad.view(-1).split(_RESCALE_BLOCK):  # a bounded fp32 temporary, not one of [T, H]
+        block.copy_(block.to(wide) * factor)
+    return grad.to(dtype)
 
 
 def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
@@ -83,14 +114,29 @@ def _cast_tensors(fields: dict, dtype) -> dict:
 
 
 class OrealTerms:
-    """Per-token loss and dL/dlp of OREAL's loss (see the module docstring), chunk by chunk."""
+    """Per-token loss and dL/dlp of OREAL's loss (see the module docstring), chunk by chunk.
 
-    def __init__(self, pg_coef, ref_logprobs, kl_weight):
+    With `behavior_logprobs` (samples drawn by an older policy mu), every token's loss and gradient are
+    multiplied by the detached, truncated importance weight `min(exp(lp_t - mu_t), importance_cap)`
+    (DESIGN note "Off-policy OREAL" in `oreal.ops.loss`). When `mu_t == lp_t` the weight is exactly 1.0
+    and the loss and gradients are bit for bit those of the on-policy loss.
+    """
+
+    def __init__(self, pg_coef, ref_logprobs, kl_weight, behavior_logprobs=None, importance_cap=None):
         self.pg_coef, self.ref_logprobs, self.kl_weight = pg_coef, ref_logprobs, kl_weight
+        self.behavior_logprobs, self.importance_cap = behavior_logprobs, importance_cap
 
     def cast_(self, dtype):
         """Moves the per-token inputs to the accumulation dtype, in place."""
         self.__dict__.update(_cast_tensors(self.__dict__, dtype))
+
+    def gradient_bound(self):
+        """`max |dL/dlp|` with the KL ratio near 1: `max |pg_coef| + kl_weight` (0-d, on the device)."""
+        bound = self.pg_coef.abs().amax() if self.pg_coef.numel() else self.pg_coef.new_zeros(())
+        # Not times the importance cap: the power of two must be the on-policy one, or 16-bit gradients
+        # would round differently with rho = 1 (values near fp16's subnormals); scaled values stay below
+        # ~2 C max|weight|, far inside fp16's range for any sensible cap.
+        return bound + (self.kl_weight if self.ref_logprobs is not None else 0.0)
 
     def __call__(self, logprobs, valid, start, end):
         coef = self.pg_coef[start:end]
@@ -98,7 +144,15 @@ class OrealTerms:
         if self.ref_logprobs is not None:
             kl, kl_grad = kl_k3_terms(logprobs, self.ref_logprobs[start:end], self.kl_weight)
             loss, grad = loss + kl, grad + kl_grad
+        if self.behavior_logprobs is not None:  # a constant per token: scales the loss and dL/dlp alike
+            weight = truncated_importance_weight(logprobs, self.behavior_logprobs[start:end], self.importance_cap)
+            loss, grad = loss * weight, grad * weight
         return torch.where(valid, loss, 0.0), torch.where(valid, grad, 0.0)
+
+
+def truncated_importance_weight(logprobs, behavior_logprobs, cap):
+    """`min(exp(lp - mu), cap)`, treated as a constant (exactly 1.0 where `lp == mu`, for any cap >= 1)."""
+    return torch.exp(logprobs - behavior_logprobs).clamp(max=cap)
 
 
 class ClippedSurrogateTerms:
@@ -113,6 +167,13 @@ class ClippedSurrogateTerms:
     def cast_(self, dtype):
         """Moves the per-token inputs to the accumulation dtype, in place."""
         self.__dict__.update(_cast_tensors(self.__dict__, dtype))
+
+    def gradient_bound(self):
+        """`max |dL/dlp|` taking the ratio at the clip bound and the KL ratio near 1 (0-d, on the device)."""
+        if not self.token_scale.numel():
+            return self.token_scale.new_zeros(())
+        bound = (self.token_scale * self.advantages).abs().amax() * (1.0 + self.clip_high)
+        return bound + (self.kl_scale.abs().amax() if self.ref_logprobs is not None else 0.0)
 
     def __call__(self, logprobs, valid, start, end):
         adv, scale = self.advantages[start:end], self.token_scale[start:end]
@@ -181,6 +242,9 @@ class _LinearLogprobLoss(torch.autograd.Function):
         want_weight_grad = grad_enabled and ctx.needs_input_grad[1]
         acc = accumulation_dtype(hidden.dtype)
         terms.cast_(acc)
+        # 16-bit hidden gradients are stored times a power of two (see gradient_scale); fp32/fp64 need none
+        sigma = (gradient_scale(terms.gradient_bound() / temperature)
+                 if want_hidden_grad and hidden.dtype in (torch.float16, torch.bfloat16) else None)
         grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_weight_grad else None
         loss = torch.zeros((), dtype=acc, device=hidden.device)
@@ -193,30 +257,31 @@ class _LinearLogprobLoss(torch.autograd.Function):
                 h, weight, labels[start:end], terms, start, end, temperature)
             loss += chunk_loss
             if want_hidden_grad:
-                grad_hidden[start:end] = dz.to(weight.dtype) @ weight
+                grad_hidden[start:end] = (dz if sigma is None else dz * sigma).to(weight.dtype) @ weight
             if want_weight_grad:
                 grad_weight.addmm_(dz.T, h.to(acc))
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, sigma)
         ctx.weight_dtype, ctx.acc_dtype = weight.dtype, acc
         ctx.mark_non_differentiable(logprobs, entropy)
         return loss, logprobs, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_logprobs, _grad_entropy):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, sigma = ctx.saved_tensors
         # float64 is the gradcheck path, which differentiates one graph many times: keep it functional
         in_place = ctx.acc_dtype != torch.float64 and is_eager(grad_loss, grad_hidden, grad_weight)
         if grad_hidden is not None:
-            grad_hidden = scale_saved_gradient(grad_hidden, grad_loss, in_place, grad_hidden.dtype)
+            grad_hidden = scale_saved_gradient(grad_hidden, grad_loss, in_place, grad_hidden.dtype, sigma)
         if grad_weight is not None:
             grad_weight = scale_saved_gradient(grad_weight, grad_loss, in_place, ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_logprob_loss(hidden, weight, labels, pg_coef, ref_logprobs, kl_weight, temperature=1.0,
-                        chunk_size=None):
-    """OREAL's token-weighted log-prob loss over chunks of tokens (see the module docstring)."""
-    terms = OrealTerms(pg_coef, ref_logprobs, kl_weight)
+                        chunk_size=None, *, behavior_logprobs=None, importance_cap=2.0):
+    """OREAL's token-weighted log-prob loss over chunks of tokens (see the module docstring); with
+    `behavior_logprobs [T]` fp32, each token's term is weighted by `min(exp(lp_t - mu_t), importance_cap)`."""
+    terms = OrealTerms(pg_coef, ref_logprobs, kl_weight, behavior_logprobs, float(importance_cap))
     return _LinearLogprobLoss.apply(hidden, weight, labels, terms, float(temperature), chunk_size,
                                     torch.is_grad_enabled())
 

@@ -7,6 +7,7 @@ call on a GPU; set `OREAL_CHECK_VALUES=0` to skip them in a trusted training loo
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -76,18 +77,23 @@ def check_linear_inputs(hidden, weight) -> tuple[int, int, int]:
     return hidden.shape[0], hidden.shape[1], weight.shape[0]
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)  # True is an int, not a coefficient
+
+
 def check_positive_float(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or not value > 0 or value != value:
-        _fail(name, f"must be a positive number, got {value!r}")
+    if not _is_number(value) or not value > 0 or not math.isfinite(value):
+        _fail(name, f"must be a positive finite number, got {value!r}")
 
 
 def check_finite_float(name: str, value) -> None:
-    if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+    if not _is_number(value) or not math.isfinite(value):
         _fail(name, f"must be a finite number, got {value!r}")
 
 
 def check_count(name: str, value, device):
-    """A global token count: None, a non-negative int or a 0-d/1-element tensor."""
+    """A global token count: None, a non-negative int or a 0-d/1-element tensor (its value is
+    checked like an int's unless value checks are off)."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
@@ -98,4 +104,10 @@ def check_count(name: str, value, device):
         return torch.tensor(float(value), device=device)
     if value.numel() != 1:
         _fail(name, f"expected one element, got shape {tuple(value.shape)}")
+    if value.dtype == torch.bool or value.is_complex():
+        _fail(name, f"dtype {str(value.dtype).replace('torch.', '')} is not a count (use an integer or float tensor)")
+    if value_checks_enabled():  # the int path's checks; a NaN count would silently drop a loss term
+        count = float(value)
+        if not math.isfinite(count) or count < 0:
+            _fail(name, f"must be a finite non-negative count, got {count}")
     return value.reshape(()).to(device=device, dtype=torch.float32)

@@ -1,7 +1,7 @@
 """The loop that runs inside one judge worker process (started by `worker_pool.JudgePool`).
 
 Protocol over two pipes (multiprocessing `Connection`s, pickled tuples):
-parent -> worker: `(task_id, pred, gold)`, or `None` to exit;
+parent -> worker: `(task_id, pred, gold, decimal_policy)`, or `None` to exit;
 worker -> parent: `("ready", pid)` once after imports, then `(task_id, equal, reason)` per task.
 
 This module must stay importable without the `oreal` package's `__init__` (which imports torch): the
@@ -32,9 +32,9 @@ def serve(read_fd: int, write_fd: int) -> None:
             return
         if message is None:
             return
-        task_id, pred, gold = message
+        task_id, pred, gold, decimal_policy = message
         try:
-            verdict = compare(pred, gold)
+            verdict = compare(pred, gold, decimal_policy=decimal_policy)
             reply = (task_id, bool(verdict.equal), verdict.reason)
         except BaseException as e:  # noqa: BLE001  one bad item must not take the worker down
             if isinstance(e, KeyboardInterrupt):

@@ -4,6 +4,13 @@ Same text after normalisation, two multiple-choice letters, or two plain numbers
 decimals, `a/b`, `\\frac{a}{b}`, with thousands separators) are decided here with exact `Fraction`
 arithmetic and the same decimal policy as `equivalence.py` (which calls this first, so both paths
 agree). Everything here is linear-time string work: safe on any input.
+
+Decimal policies (how a written decimal may stand for a value that is not a terminating decimal):
+- "relative" (default): within a relative 1e-4, as the rule judgers of the recipes' originals
+  (Qwen-style `math_equal`, `isclose(rel_tol=1e-4)`) and Math-Verify at its default precision judge;
+  `2.6667 = 8/3`, `2.6668 = 8/3`, but `0.33 != 1/3`.
+- "rounding" (lenient, an option): the value rounded or truncated to the written places, with at least
+  two significant digits (`0.33 = 1/3`). As a training reward it pays a policy for dropping exact forms.
 """
 
 from __future__ import annotations
@@ -19,6 +26,16 @@ _PLAIN_NUMBER = re.compile(r"(-)?(\d+(?:\.\d*)?|\.\d+)")
 _PLAIN_FRACTION = re.compile(r"(-)?(?:(\d+)/(\d+)|\\frac\{(\d+)\}\{(\d+)\})")
 _GROUPED = re.compile(r"-?[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?")
 
+DECIMAL_POLICIES = ("relative", "rounding")
+DEFAULT_DECIMAL_POLICY = "relative"
+RELATIVE_TOLERANCE = Fraction(1, 10**4)  # math.isclose(rel_tol=1e-4), as the seeds' `math_equal`
+
+
+def check_decimal_policy(policy: str) -> str:
+    if policy not in DECIMAL_POLICIES:
+        raise ValueError(f"decimal_policy: {policy!r} is not one of {', '.join(DECIMAL_POLICIES)}")
+    return policy
+
 
 class QuickVerdict:
     """Duck-type twin of `equivalence.Verdict` (kept here so this module stays import-light)."""
@@ -33,7 +50,7 @@ class QuickVerdict:
         return f"QuickVerdict({self.equal}, {self.reason!r})"
 
 
-def quick_verdict(pred: str, gold: str):
+def quick_verdict(pred: str, gold: str, decimal_policy: str = DEFAULT_DECIMAL_POLICY):
     """A verdict when the answers are decidable without parsing, else None."""
     p, g = normalize_answer(pred), normalize_answer(gold)
     if not p or not g:
@@ -48,7 +65,7 @@ def quick_verdict(pred: str, gold: str):
     np_, ng = plain_number(p), plain_number(g)
     if np_ is None or ng is None:
         return None
-    equal = numbers_equal(np_, ng)
+    equal = numbers_equal(np_, ng, decimal_policy)
     return QuickVerdict(equal, "equivalent" if equal else "different")
 
 
@@ -75,21 +92,25 @@ def plain_number(s: str):
     return None
 
 
-def numbers_equal(x, y) -> bool:
+def numbers_equal(x, y, decimal_policy: str = DEFAULT_DECIMAL_POLICY) -> bool:
     (vx, px), (vy, py) = x, y
     if vx == vy:
         return True
     if px is not None and py is None:
-        return decimal_stands_for(vx, px, vy)
+        return decimal_stands_for(vx, px, vy, decimal_policy)
     if py is not None and px is None:
-        return decimal_stands_for(vy, py, vx)
+        return decimal_stands_for(vy, py, vx, decimal_policy)
     return False
 
 
-def decimal_stands_for(written: Fraction, places: int, value: Fraction) -> bool:
-    """Exact-rational twin of `evaluate.decimal_matches` for a rational `value`."""
+def decimal_stands_for(written: Fraction, places: int, value: Fraction,
+                       decimal_policy: str = DEFAULT_DECIMAL_POLICY) -> bool:
+    """Whether the written decimal stands for the rational `value` under `decimal_policy` (module docstring).
+    Exact-rational twin of `equivalence._decimal_equal` for a rational `value`."""
     if is_terminating(value):
         return False
+    if check_decimal_policy(decimal_policy) == "relative":
+        return abs(written - value) <= RELATIVE_TOLERANCE * max(abs(written), abs(value))
     significant = len(str(abs(written.numerator * 10 ** places // written.denominator)).lstrip("0"))
     if significant < 2:
         return False

@@ -6,7 +6,7 @@ text, two letters, two plain numbers), send the rest to a killable worker proces
 `equivalence.compare` under a hard timeout (`worker_pool.py`), then, optionally, ask an LLM verifier
 where the rules said "not equal".
 
-`judge()` never raises and returns within `timeout` seconds of wall time, extraction included, plus
+`judge()` never raises for any response and returns within `timeout` seconds of wall time, extraction included, plus
 the few milliseconds it takes to kill a hung helper (the first call of a process also waits for its
 helper process to start, about half a second). `Judgement.reason`:
 
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 from oreal.reward.extract import (DEFAULT_THINKING_FINISH_WORDS, choice_letter, extract_answer,
                                   extract_choice, reference_answer, _words_outside_math)
-from oreal.reward.fastpath import quick_verdict
+from oreal.reward.fastpath import DEFAULT_DECIMAL_POLICY, check_decimal_policy, quick_verdict
 from oreal.reward.normalize import sanitize
-from oreal.reward.worker_pool import JudgePool, WorkerStartError
+from oreal.reward.worker_pool import JudgePool, WorkerStartError, check_timeout
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +68,22 @@ def default_pool(num_workers: int | None = None) -> JudgePool:
 
 def judge(response, gold, *, stop_word: str | None = None,
           thinking_finish_words=DEFAULT_THINKING_FINISH_WORDS, timeout: float = DEFAULT_TIMEOUT,
-          question=None, verifier=None) -> Judgement:
-    """Judge one response against one reference answer. Never raises.
+          question=None, verifier=None, decimal_policy: str = DEFAULT_DECIMAL_POLICY) -> Judgement:
+    """Judge one response against one reference answer. Never raises for any response or gold (a
+    `decimal_policy` it does not know, or a `timeout` that is not a number of seconds in (0, 1 day],
+    is the caller's mistake: ValueError).
 
     `timeout` bounds the rule-based part of the call, extraction included (seconds of wall time);
     `verifier` (an `LLMVerifier`, with its own timeouts) is asked when the rule's reason is in
-    `verifier.consult_on`.
+    `verifier.consult_on`. `decimal_policy`: how a decimal may stand for a non-terminating value
+    (`fastpath.py`; default "relative": within a relative 1e-4, the originals' rule).
     """
+    check_decimal_policy(decimal_policy)
+    timeout = check_timeout(timeout)  # a caller's mistake, not a bad response: it raises
     pred = None
     start = time.monotonic()
     try:
-        prepared = _prepare(response, gold, stop_word, thinking_finish_words)
+        prepared = _prepare(response, gold, stop_word, thinking_finish_words, decimal_policy)
         pred = prepared.pred
         if prepared.early is None and prepared.verdict is None:
             remaining = timeout - (time.monotonic() - start)  # extraction of a huge response counts too
@@ -86,13 +91,14 @@ def judge(response, gold, *, stop_word: str | None = None,
                 if remaining <= 0:
                     equal, reason = False, "timeout"
                 else:
-                    equal, reason = _pool_for_single().compare(prepared.pred, prepared.gold, remaining)
+                    equal, reason = _pool_for_single().compare(prepared.pred, prepared.gold, remaining,
+                                                               decimal_policy=decimal_policy)
             except WorkerStartError as e:
                 log.error("%s", e)
                 equal, reason = False, "error: no worker"
             prepared.verdict = (equal, reason)
         result = _finish(prepared)
-        if verifier is not None and not result.correct and result.reason in verifier.consult_on:
+        if verifier is not None and not result.correct and consults(verifier, result.reason):
             verdict = verifier.verify(question, prepared.gold, _for_verifier(prepared, response))
             if verdict:
                 result = Judgement(True, result.pred, "verifier")
@@ -104,7 +110,7 @@ def judge(response, gold, *, stop_word: str | None = None,
 def judge_batch(responses, golds, *, questions=None, stop_word: str | None = None,
                 thinking_finish_words=DEFAULT_THINKING_FINISH_WORDS, timeout: float = DEFAULT_TIMEOUT,
                 num_workers: int | None = None, pool: JudgePool | None = None, verifier=None,
-                progress=None) -> list[Judgement]:
+                progress=None, decimal_policy: str = DEFAULT_DECIMAL_POLICY) -> list[Judgement]:
     """Judge many responses; item i of the result belongs to `responses[i]` and `golds[i]`.
 
     Sympy work runs in `pool` (default: a process-wide pool of `num_workers` processes), each item under
@@ -119,21 +125,21 @@ def judge_batch(responses, golds, *, questions=None, stop_word: str | None = Non
         questions = list(questions)
         if len(questions) != len(responses):
             raise ValueError(f"judge_batch got {len(questions)} questions for {len(responses)} responses")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
-    prepared = [_prepare(r, g, stop_word, thinking_finish_words) for r, g in zip(responses, golds)]
+    timeout = check_timeout(timeout)
+    check_decimal_policy(decimal_policy)
+    prepared = [_prepare(r, g, stop_word, thinking_finish_words, decimal_policy) for r, g in zip(responses, golds)]
     heavy = [i for i, p in enumerate(prepared) if p.early is None and p.verdict is None]
     if progress is not None and len(heavy) < len(prepared):
         progress(len(prepared) - len(heavy))
     if heavy:
         pool = pool or default_pool(num_workers)
         verdicts = pool.compare_many([(prepared[i].pred, prepared[i].gold) for i in heavy], timeout,
-                                     progress=progress)
+                                     progress=progress, decimal_policy=decimal_policy)
         for i, verdict in zip(heavy, verdicts):
             prepared[i].verdict = verdict
     results = [_finish(p) for p in prepared]
     if verifier is not None:
-        asks = [i for i, r in enumerate(results) if not r.correct and r.reason in verifier.consult_on]
+        asks = [i for i, r in enumerate(results) if not r.correct and consults(verifier, r.reason)]
         if asks:
             opinions = verifier.verify_many(
                 [(questions[i] if questions else None, prepared[i].gold, _for_verifier(prepared[i], responses[i]))
@@ -169,7 +175,12 @@ class _Prepared:
         self.response, self.pred, self.gold, self.verdict, self.early = response, pred, gold, verdict, early
 
 
-def _prepare(response, gold, stop_word, thinking_finish_words) -> _Prepared:
+def consults(verifier, reason: str) -> bool:
+    """Whether `verifier` is asked about a rule verdict of `reason` (an `error: <type>` reason counts as "error")."""
+    return reason in verifier.consult_on or (reason.startswith("error") and "error" in verifier.consult_on)
+
+
+def _prepare(response, gold, stop_word, thinking_finish_words, decimal_policy=DEFAULT_DECIMAL_POLICY) -> _Prepared:
     """Extraction and the inline verdict. `early` is a final Judgement when no comparison is needed."""
     try:
         response = sanitize(response) if isinstance(response, str) else None  # only text is a response
@@ -186,7 +197,7 @@ def _prepare(response, gold, stop_word, thinking_finish_words) -> _Prepared:
             if letter and extract_choice(response) == letter:
                 return _Prepared(response, None, gold_answer, early=Judgement(True, None, "choice"))
             return _Prepared(response, None, gold_answer, early=Judgement(False, None, "no_answer"))
-        quick = quick_verdict(pred, gold_answer)
+        quick = quick_verdict(pred, gold_answer, decimal_policy)
         verdict = (quick.equal, quick.reason) if quick is not None else None
         return _Prepared(response, pred, gold_answer, verdict=verdict)
     except Exception as e:  # noqa: BLE001

@@ -15,6 +15,7 @@ space limit (`memory_limit_mb`) so a runaway allocation ends in MemoryError, not
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import subprocess
@@ -27,11 +28,26 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from oreal.reward._worker import BOOTSTRAP
+from oreal.reward.fastpath import DEFAULT_DECIMAL_POLICY, check_decimal_policy
 
 log = logging.getLogger(__name__)
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 _ALL_POOLS: "weakref.WeakSet[JudgePool]" = weakref.WeakSet()
+
+
+MAX_TIMEOUT_S = 24 * 3600.0
+
+
+def check_timeout(timeout, name: str = "timeout") -> float:
+    """A time limit in seconds: a finite number in (0, one day]; ValueError naming `name` otherwise.
+
+    NaN, infinity and absurdly large values are refused up front: the waits below would raise on
+    them half-way through a call (OverflowError, ValueError) or never end.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT_S:
+        raise ValueError(f"{name} must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], got {timeout!r}")
+    return float(timeout)
 
 
 class WorkerStartError(RuntimeError):
@@ -137,6 +153,20 @@ class JudgePool:
         self.restarts += 1
         self._workers.append(self._spawn())
 
+    @contextlib.contextmanager
+    def _no_worker_left_busy(self):
+        """Around a call: a worker still holding a task when the call ends in an exception (Ctrl-C,
+        a failing progress callback) is killed; its late answer would belong to nobody, and a worker
+        marked busy would never be handed work again."""
+        try:
+            yield
+        except BaseException:
+            for w in [w for w in self._workers if w.task is not None]:
+                w.kill()
+                self._workers.remove(w)
+                self.restarts += 1
+            raise
+
     def close(self) -> None:
         with self._lock:
             if os.getpid() == self._pid:
@@ -181,15 +211,17 @@ class JudgePool:
                     self._ever_ready = True
 
     # -- public API
-    def compare_many(self, pairs, timeout: float, progress=None) -> list[tuple[bool, str]]:
-        """Verdicts for (pred, gold) string pairs, each under a hard `timeout` in seconds."""
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    def compare_many(self, pairs, timeout: float, progress=None,
+                     decimal_policy: str = DEFAULT_DECIMAL_POLICY) -> list[tuple[bool, str]]:
+        """Verdicts for (pred, gold) string pairs, each under a hard `timeout` in seconds
+        (`decimal_policy`: see `fastpath.py`)."""
+        check_decimal_policy(decimal_policy)
+        timeout = check_timeout(timeout)
         pairs = list(pairs)
         results: list = [None] * len(pairs)
         if not pairs:
             return []
-        with self._lock:
+        with self._lock, self._no_worker_left_busy():
             self._check_fork()
             self._fill()
             queue = deque(range(len(pairs)))
@@ -201,7 +233,7 @@ class JudgePool:
                     if w.ready and w.task is None and queue:
                         index = queue.popleft()
                         try:
-                            w.inbox.send((index, pairs[index][0], pairs[index][1]))
+                            w.inbox.send((index, pairs[index][0], pairs[index][1], decimal_policy))
                         except (OSError, ValueError):
                             queue.appendleft(index)
                             self._replace(w)
@@ -257,12 +289,12 @@ class JudgePool:
         if progress is not None:
             progress(1)
 
-    def compare(self, pred: str, gold: str, timeout: float) -> tuple[bool, str]:
+    def compare(self, pred: str, gold: str, timeout: float,
+                decimal_policy: str = DEFAULT_DECIMAL_POLICY) -> tuple[bool, str]:
         """One verdict within `timeout` seconds of wall time (the first worker start excepted)."""
-        if timeout <= 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        timeout = check_timeout(timeout)
         call_deadline = time.monotonic() + timeout
-        with self._lock:
+        with self._lock, self._no_worker_left_busy():
             self._check_fork()
             self._fill()
             if not self._ever_ready:
@@ -273,7 +305,7 @@ class JudgePool:
                 return False, "timeout"
             worker = next(w for w in self._workers if w.ready and w.task is None)
             try:
-                worker.inbox.send((0, pred, gold))
+                worker.inbox.send((0, pred, gold, check_decimal_policy(decimal_policy)))
             except (OSError, ValueError):
                 self._replace(worker)
                 return False, "error: worker crashed"

@@ -15,7 +15,8 @@ Typical use in a torchrun trainer::
     if rank == 0:
         engine.close()
 
-`build_engine("hf", ...)` gives the same interface on CPU with transformers. Only
+`build_engine("hf", ...)` gives the same interface with transformers, and
+`build_engine("vllm", ...)` on a machine without CUDA runs vLLM's CPU build (float32). Only
 oreal/rollout/vllm.py imports vLLM, and only when a vLLM engine is built.
 """
 
@@ -87,17 +88,18 @@ def build_engine(
 
     kind "hf": transformers `generate`. `model` is a local checkpoint directory, a
         `transformers.PretrainedConfig` (random weights, for tests) or a config dict with
-        "model_type". Options: device ("cpu"), num_threads, max_batch_rows (64).
+        "model_type". Options: device ("cpu"), num_threads, max_batch_rows (256), max_padding (0.25).
         dtype defaults to "float32".
-    kind "vllm": `vllm.LLM` on dedicated GPUs. `model` is a local checkpoint directory.
-        Options: tensor_parallel_size (1), gpu_memory_utilization (0.85), max_model_len,
-        enable_prefix_caching (True), vllm_kwargs (extra `vllm.LLM` arguments).
-        dtype defaults to "bfloat16".
+    kind "vllm": `vllm.LLM` on dedicated GPUs, or vLLM's CPU build where CUDA is absent.
+        `model` is a local checkpoint directory. Options: tensor_parallel_size (1),
+        gpu_memory_utilization (0.85), max_model_len, enable_prefix_caching (True),
+        vllm_kwargs (extra `vllm.LLM` arguments). dtype defaults to "bfloat16" with CUDA,
+        "float32" without (vLLM's CPU bf16 kernels need AMX).
     gpus: CUDA_VISIBLE_DEVICES for the engine process (e.g. "6,7"); env: more variables.
     Timeouts are in seconds; see EngineClient. Call `close()` when done.
     """
     if kind not in ("hf", "vllm"):
-        raise ValueError(f"unknown engine kind {kind!r}: use 'hf' (transformers, CPU) or 'vllm' (GPU)")
+        raise ValueError(f"unknown engine kind {kind!r}: use 'hf' (transformers) or 'vllm'")
     if not isinstance(model, (str, os.PathLike, dict)):
         to_dict = getattr(model, "to_dict", None)
         if to_dict is None:
@@ -112,7 +114,11 @@ def build_engine(
     child_env = dict(env or {})
     if gpus is not None:
         child_env["CUDA_VISIBLE_DEVICES"] = gpus
-    backend_options = dict(model=model, dtype=dtype or ("float32" if kind == "hf" else "bfloat16"), seed=seed,
+    if dtype is None:
+        import torch
+
+        dtype = "bfloat16" if kind == "vllm" and torch.cuda.is_available() else "float32"
+    backend_options = dict(model=model, dtype=dtype, seed=seed,
                            **options)
     from oreal.rollout.client import EngineClient
 

@@ -1,16 +1,21 @@
 """The control channel: an engine process started by the trainer, and framed messages to it.
 
 The engine runs as `python -m oreal.rollout.server` in its own process session. It dials back
-to a loopback socket the client listens on, proves it is the child we started (a random
-token passed in its environment), and from then on both sides exchange pickled messages,
-each prefixed by its length. Every wait on the trainer side has a deadline and watches the
-process: a dead engine raises EngineDiedError (with the tail of its log), a silent one
-raises EngineTimeoutError and is killed. Nothing here knows what the messages mean.
+to a loopback socket the client listens on and both sides prove they hold a random key passed
+in the engine's environment (an HMAC challenge and response each way, fixed-size raw bytes);
+only then do they exchange pickled messages, each prefixed by its length. Nothing a peer sends
+is unpickled before it has proved itself: another local process that connects first is
+refused (its bytes are never deserialised) and the trainer keeps waiting for its engine.
+Every wait on the trainer side has a deadline and watches the process: a dead engine raises
+EngineDiedError (with the tail of its log), a silent one raises EngineTimeoutError and is
+killed. Nothing here knows what the messages mean.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import logging
 import os
 import pickle
 import secrets
@@ -25,12 +30,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from oreal.rollout.errors import EngineDiedError, EngineStartError, EngineTimeoutError
+from oreal.rollout.errors import EngineDiedError, EngineTimeoutError
+
+log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("!Q")
 ADDR_ENV = "OREAL_ENGINE_ADDR"
 TOKEN_ENV = "OREAL_ENGINE_TOKEN"
 _POLL_S = 0.2
+_NONCE_BYTES = 32
+_MAC_BYTES = hashlib.sha256().digest_size
+# How long a connected peer may take to answer the challenge before it is dropped as a stranger
+# (the real engine answers in microseconds; a stranger holding the socket open delays us this long).
+HANDSHAKE_S = 5.0
 
 
 class ChannelClosed(ConnectionError):
@@ -65,6 +77,16 @@ class Channel:
             got += k
         return bytes(buf)
 
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv_raw(self, n: int, deadline: float) -> bytes:
+        """Exactly `n` bytes, not deserialised (the handshake); TimeoutError after `deadline`."""
+        try:
+            return self._read_exact(n, deadline)
+        finally:
+            self.sock.settimeout(None)
+
     def recv(self, deadline: float | None = None) -> Any:
         """Receive one message; with a `deadline` (time.monotonic()) raise TimeoutError after it."""
         try:
@@ -81,13 +103,34 @@ class Channel:
             pass
 
 
+def _mac(key: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.new(key, role + b"\0" + nonce, hashlib.sha256).digest()
+
+
+def _authenticate_peer(channel: Channel, key: bytes, deadline: float) -> bool:
+    """Trainer side: challenge the peer; True when it proved it holds `key` (then we prove it too)."""
+    challenge = secrets.token_bytes(_NONCE_BYTES)
+    channel.send_raw(challenge)
+    answer = channel.recv_raw(_MAC_BYTES + _NONCE_BYTES, deadline)
+    if not hmac.compare_digest(answer[:_MAC_BYTES], _mac(key, b"engine", challenge)):
+        return False
+    channel.send_raw(_mac(key, b"trainer", answer[_MAC_BYTES:]))
+    return True
+
+
 def connect_from_child() -> Channel:
-    """In the engine process: dial the trainer and authenticate."""
+    """In the engine process: dial the trainer; each side proves it holds the key before any pickle."""
     host, port = os.environ[ADDR_ENV].rsplit(":", 1)
+    key = bytes.fromhex(os.environ.pop(TOKEN_ENV))  # popped: processes the engine starts never see it
     sock = socket.create_connection((host, int(port)), timeout=60)
-    sock.settimeout(None)
     channel = Channel(sock)
-    channel.send(os.environ[TOKEN_ENV])
+    deadline = time.monotonic() + 60
+    challenge = channel.recv_raw(_NONCE_BYTES, deadline)
+    nonce = secrets.token_bytes(_NONCE_BYTES)
+    channel.send_raw(_mac(key, b"engine", challenge) + nonce)
+    if not hmac.compare_digest(channel.recv_raw(_MAC_BYTES, deadline), _mac(key, b"trainer", nonce)):
+        channel.close()
+        raise ConnectionRefusedError(f"the process listening on {host}:{port} is not the trainer that started us")
     return channel
 
 
@@ -109,8 +152,8 @@ class EngineProcess:
         self._log = open(self.log_path, "wb")
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.bind(("127.0.0.1", 0))
-        listener.listen(1)
-        token = secrets.token_hex(16)
+        listener.listen(8)  # strangers may queue up in front of the engine
+        token = secrets.token_hex(32)
         child_env = dict(os.environ)
         child_env.update(env or {})
         child_env[ADDR_ENV] = f"127.0.0.1:{listener.getsockname()[1]}"
@@ -130,29 +173,36 @@ class EngineProcess:
         )
         self.channel: Channel | None = None
         try:
-            deadline = time.monotonic() + startup_timeout_s
-            while True:
-                self._check_alive("while starting")
-                r, _, _ = select.select([listener], [], [], _POLL_S)
-                if r:
-                    sock, _ = listener.accept()
-                    break
-                if time.monotonic() > deadline:
-                    raise EngineTimeoutError(
-                        f"engine process {self.proc.pid} did not connect within {startup_timeout_s:.0f}s; "
-                        f"log: {self.log_path}\n{self.log_tail()}"
-                    )
-            channel = Channel(sock)
-            if not channel.ready(max(deadline - time.monotonic(), 1.0)) or not hmac.compare_digest(
-                str(channel.recv(deadline=time.monotonic() + 30)), token
-            ):
-                raise EngineStartError("a process that is not our engine connected to the control socket")
-            self.channel = channel
+            self.channel = self._accept_engine(listener, bytes.fromhex(token), startup_timeout_s)
         except BaseException:
             self.kill()
             raise
         finally:
             listener.close()
+
+    def _accept_engine(self, listener: socket.socket, key: bytes, startup_timeout_s: float) -> Channel:
+        """The first connection that proves it holds `key`; strangers are dropped, unread."""
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            self._check_alive("while starting")
+            r, _, _ = select.select([listener], [], [], _POLL_S)
+            if r:
+                sock, peer = listener.accept()
+                channel = Channel(sock)
+                try:
+                    if _authenticate_peer(channel, key, min(time.monotonic() + HANDSHAKE_S, deadline)):
+                        return channel
+                    why = "a wrong answer to the challenge"
+                except (OSError, TimeoutError) as e:  # ChannelClosed is an OSError
+                    why = f"no answer to the challenge ({type(e).__name__})"
+                channel.close()
+                log.warning("refused a connection to engine %s's control socket from %s:%s (%s); still waiting "
+                            "for the engine", self.proc.pid, peer[0], peer[1], why)
+            if time.monotonic() > deadline:
+                raise EngineTimeoutError(
+                    f"engine process {self.proc.pid} did not connect within {startup_timeout_s:.0f}s; "
+                    f"log: {self.log_path}\n{self.log_tail()}"
+                )
 
     @property
     def pid(self) -> int:

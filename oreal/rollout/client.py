@@ -239,8 +239,9 @@ class EngineClient:
                 self._mark_broken(f"data plane setup failed: {e}")
                 raise EngineSyncError(f"could not join the gloo group with the engine: {e}") from e
         elif self.info.transport == "nccl":
-            from oreal.rollout.vllm import NcclTransport
+            from oreal.rollout.vllm import NcclTransport, nccl_settings, require_same_nccl
 
+            require_same_nccl(nccl_settings(), self.info.nccl)  # before any rendezvous: a mismatch hangs it
             port = free_port(self.sync_host)
             world_size = 1 + self.info.receivers
             rid = self._send("init_transport", host=self.sync_host, port=port, world_size=world_size,

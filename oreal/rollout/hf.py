@@ -2,10 +2,14 @@
 
 This backend runs inside the engine process (oreal/rollout/server.py). It samples with
 `model.generate(..., output_scores=True)` and reads each sampled token's log-probability from
-the processed scores, i.e. from the distribution the sampler really drew from. Prompts are
-grouped by length so no batch needs padding (padding changes the numerics of the real tokens;
-grouping keeps an engine's greedy output identical to an unpadded forward of the same
-weights).
+the processed scores, i.e. from the distribution the sampler really drew from. A request is
+sampled in as few `generate` calls as possible: prompts sorted by length are cut into buckets
+(`length_buckets`) that are left-padded to their longest prompt, so long as padding adds at most
+`max_padding` of the bucket's work and the bucket holds at most `max_batch_rows` rows; one call per
+bucket, not one per distinct prompt length (a step's prompts rarely share a length, and every call
+pays the per-token overhead of `generate` again). Padded positions are masked out of attention and
+the model's positions are rotary (relative), so a padded row computes what the unpadded prompt
+would, up to float rounding.
 
 Weight syncs arrive over gloo, in one of two ways (`receive`):
 - "inplace" (default): on the first sync with a given bucket layout, the parameters are moved
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -50,13 +53,38 @@ def build_hf_model(model, dtype: str, device: str, seed: int):
     return net.to(device).eval()
 
 
+def length_buckets(lengths: Sequence[int], *, rows_per_prompt: int, max_rows: int, new_tokens: int,
+                   max_padding: float) -> list[list[int]]:
+    """Prompt indices in `generate` calls: sorted by length, cut where a call would exceed `max_rows` rows
+    (each prompt takes `rows_per_prompt`) or where left-padding to the call's longest prompt would add more
+    than `max_padding` of its real work (prompt plus `new_tokens` per row). Every index appears once; within
+    a bucket indices ascend with length (ties in input order)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    prompts_per_call = max(1, max_rows // max(1, rows_per_prompt))
+    buckets: list[list[int]] = []
+    real = 0  # tokens of the current bucket without padding (prompt + new tokens per prompt)
+    for i in order:
+        work = lengths[i] + new_tokens
+        if buckets and len(buckets[-1]) < prompts_per_call:
+            # sorted ascending: prompt i is the bucket's longest, every row is padded to its length
+            padded = (len(buckets[-1]) + 1) * work
+            if padded - (real + work) <= max_padding * (real + work):
+                buckets[-1].append(i)
+                real += work
+                continue
+        buckets.append([i])
+        real = work
+    return buckets
+
+
 class HFBackend:
     """Owns the model inside the engine process; see the module docstring."""
 
     kind = "hf"
 
     def __init__(self, *, model, dtype: str = "float32", device: str = "cpu", seed: int = 0,
-                 num_threads: int | None = None, max_batch_rows: int = 64, receive: str = "inplace"):
+                 num_threads: int | None = None, max_batch_rows: int = 256, max_padding: float = 0.25,
+                 receive: str = "inplace"):
         if receive not in ("inplace", "staged"):
             raise ValueError(f"receive must be 'inplace' or 'staged', got {receive!r}")
         self.receive = receive
@@ -64,7 +92,10 @@ class HFBackend:
             torch.set_num_threads(num_threads)
         self.model = build_hf_model(model, dtype, device, seed)
         self.device = torch.device(device)
+        if max_batch_rows < 1 or not 0 <= max_padding:
+            raise ValueError(f"max_batch_rows must be >= 1 and max_padding >= 0, got {max_batch_rows}, {max_padding}")
         self.max_batch_rows = max_batch_rows
+        self.max_padding = max_padding
         self.generator_seed = seed
         torch.manual_seed(seed)
         self.params: dict[str, torch.nn.Parameter] = dict(self.model.named_parameters())
@@ -112,37 +143,38 @@ class HFBackend:
                           top_k=sampling.top_k)
         gen_config = GenerationConfig(**kwargs)
 
-        by_length: dict[int, list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompt {i} is empty")
-            by_length[len(p)].append(i)
+        lengths = [len(p) for p in prompts]
+        buckets = length_buckets(lengths, rows_per_prompt=per_prompt, max_rows=self.max_batch_rows,
+                                 new_tokens=sampling.max_new_tokens, max_padding=self.max_padding)
         out: dict[int, list[Rollout]] = {}
-        rows_per_call = max(1, self.max_batch_rows // per_prompt)
-        for length in sorted(by_length):
-            indices = by_length[length]
-            for lo in range(0, len(indices), rows_per_call):
-                chunk = indices[lo:lo + rows_per_call]
-                if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed + chunk[0])
-                ids = torch.tensor([list(prompts[i]) for i in chunk], dtype=torch.long, device=self.device)
-                res = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                          generation_config=gen_config)
-                new = res.sequences[:, length:]
-                logps = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in res.scores], dim=1)
-                token_lp = logps.gather(-1, new.unsqueeze(-1)).squeeze(-1)
-                for row in range(new.shape[0]):
-                    prompt_index = chunk[row // per_prompt]
-                    tokens = new[row].tolist()
-                    cut = next((t + 1 for t, tok in enumerate(tokens) if tok in stop_set), None)
-                    finish = "stop" if cut is not None else "length"
-                    cut = cut if cut is not None else len(tokens)
-                    logprobs = token_lp[row, :cut].tolist()
-                    for _ in range(n // per_prompt):
-                        samples = out.setdefault(prompt_index, [])
-                        samples.append(Rollout(prompt_index=prompt_index, sample_index=len(samples),
-                                               token_ids=tokens[:cut], logprobs=list(logprobs),
-                                               finish_reason=finish))
+        for chunk in buckets:
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed + chunk[0])
+            width = max(lengths[i] for i in chunk)
+            ids = torch.full((len(chunk), width), kwargs["pad_token_id"], dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):  # left padding: every row's last prompt token is at width - 1
+                ids[row, width - lengths[i]:] = torch.as_tensor(prompts[i], dtype=torch.long)
+                mask[row, width - lengths[i]:] = 1
+            res = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                      generation_config=gen_config)
+            new = res.sequences[:, width:]
+            # one [rows, vocab] log-softmax at a time: never a [rows, steps, vocab] copy of the scores
+            token_lp = torch.cat([torch.log_softmax(s.float(), dim=-1).gather(-1, new[:, t, None])
+                                  for t, s in enumerate(res.scores)], dim=1)
+            for row, (tokens, row_lp) in enumerate(zip(new.tolist(), token_lp.tolist())):
+                prompt_index = chunk[row // per_prompt]
+                cut = next((t + 1 for t, tok in enumerate(tokens) if tok in stop_set), None)
+                finish = "stop" if cut is not None else "length"
+                cut = cut if cut is not None else len(tokens)
+                for _ in range(n // per_prompt):
+                    samples = out.setdefault(prompt_index, [])
+                    samples.append(Rollout(prompt_index=prompt_index, sample_index=len(samples),
+                                           token_ids=tokens[:cut], logprobs=row_lp[:cut],
+                                           finish_reason=finish))
         return [r for i in range(len(prompts)) for r in out[i]]
 
     # ----- weight sync ----------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """The data plane on CPU: a two-party gloo group between trainer rank 0 and the engine.
 
-It is created from its own TCPStore (rank 0 hosts it on a free loopback port), so it lives
-beside whatever `torch.distributed` world the trainer has and never touches it. Broadcasts
-are asynchronous: `broadcast` returns a handle whose `wait(timeout_s)` raises on failure or
-timeout, which is what lets the syncer overlap gathering with sending and still never hang.
+It is created from its own TCPStore (rank 0 hosts it on a free port, listening on the sync
+host's address only), so it lives beside whatever `torch.distributed` world the trainer has
+and never touches it. Broadcasts are asynchronous: `broadcast` returns a handle whose
+`wait(timeout_s)` raises on failure or timeout, which is what lets the syncer overlap
+gathering with sending and still never hang.
 The vLLM data plane (NCCL through vLLM's PyNcclCommunicator) has the same shape and lives
 in oreal/rollout/vllm.py.
 """
@@ -11,6 +12,7 @@ in oreal/rollout/vllm.py.
 from __future__ import annotations
 
 import datetime
+import socket
 from typing import Protocol
 
 import torch
@@ -40,6 +42,28 @@ class _WorkHandle:
         self.work.wait(datetime.timedelta(seconds=timeout_s))
 
 
+def listening_store(host: str, world_size: int, timeout_s: float, port: int = 0) -> dist.TCPStore:
+    """A TCPStore server that listens on `host`'s address only (port 0: a free one, `store.port`).
+
+    Left to itself a TCPStore server listens on every interface whatever host it is given, so a
+    store meant for loopback would be reachable from the network: bind the socket here and hand
+    it over.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.bind(address)
+        sock.listen(128)
+        store = dist.TCPStore(host, sock.getsockname()[1], world_size, True,
+                              timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False,
+                              master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store's server owns the descriptor now and closes it with the store
+    return store
+
+
 def _gloo_group(store, rank: int, world_size: int, host: str, timeout_s: float):
     opts = dist.ProcessGroupGloo._Options()
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
@@ -58,10 +82,8 @@ class GlooTransport:
 
     @staticmethod
     def host_store(host: str, timeout_s: float) -> dist.TCPStore:
-        """Rank 0: a store on a free port (`store.port`), not yet waiting for anyone."""
-        return dist.TCPStore(
-            host, 0, 2, True, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False
-        )
+        """Rank 0: a store on a free port (`store.port`) of `host` only, not yet waiting for anyone."""
+        return listening_store(host, 2, timeout_s)
 
     @classmethod
     def join(cls, store: dist.TCPStore, rank: int, host: str, timeout_s: float, prefix: str) -> "GlooTransport":

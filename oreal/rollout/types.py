@@ -26,8 +26,9 @@ class SamplingParams:
     max_new_tokens: response length limit; hitting it gives finish_reason "length".
     stop_token_ids: generation stops after any of these (the stop token is kept in the
         response, so the policy is trained to emit it); the model's own EOS also stops.
-    seed: makes sampling reproducible for a given engine, batch and weights; prompt i uses
-        seed + i. None draws from the engine's running generator.
+    seed: makes sampling reproducible for a given engine, batch and weights, with distinct
+        noise for every (prompt, sample) of a call (vLLM: sample j of prompt i draws with
+        seed + i * n + j). None draws from the engine's running generator.
     """
 
     temperature: float = 1.0
@@ -62,6 +63,9 @@ class Rollout:
     logprobs: per response token, the log-probability under the distribution the sampler
         actually drew from (after temperature, top-k and top-p), in fp32.
     weights_version: how many weight syncs the engine had applied when it generated this.
+    policy_version: how many policy updates the weights that generated this had seen (the trainer's
+        count, stamped by the generator; -1 when generated outside a trainer). With
+        `rollout.max_staleness` 1 a step trained from version v gets samples of version v or v - 1.
     """
 
     prompt_index: int
@@ -70,6 +74,7 @@ class Rollout:
     logprobs: list[float]
     finish_reason: FinishReason
     weights_version: int = 0
+    policy_version: int = -1
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class EngineInfo:
     receivers: int  # data-plane ranks on the engine side (vLLM: one per worker)
     specs: dict[str, TensorSpec] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    nccl: dict[str, str | None] = field(default_factory=dict)  # vLLM on GPU: its workers' NCCL settings
 
 
 def dtype_name(dtype: torch.dtype) -> str:

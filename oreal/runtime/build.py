@@ -15,7 +15,8 @@ What gets built, on every rank unless noted:
   surrogate of `--algorithm grpo|ppo`), the frozen reference policy (FSDP2, forward only; built only
   when the algorithm's KL term needs it), the token RM (FSDP2; OREAL with `loss.use_token_rm`) and
   PPO's critic (FSDP2), with AdamW and warm-up + cosine schedules;
-- the rollout engine (rank 0 only) behind a `DistributedGenerator`, with the weight syncer;
+- the rollout engines behind a `DistributedGenerator`, with their weight syncer: dedicated engine processes
+  (each node's local rank 0 starts its node's share) or a colocated engine in every rank;
 - the judge; the eval sets.
 """
 
@@ -23,17 +24,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from oreal.runtime.config import Config
+from oreal.runtime.budget import judge_workers
+from oreal.runtime.config import VERIFIER_HOSTS_ENV, Config
 from oreal.runtime.distributed import DistContext
 from oreal.runtime.setup_errors import SetupError
-from oreal.runtime.schedule import warmup_cosine
+from oreal.runtime.schedule import warmup_cosine, warmup_length
 
 TINY_MODEL_DIR = "tiny_model"
 
@@ -184,13 +188,17 @@ def _load_lm(cfg: Config, path: str, dtype: torch.dtype, ctx: DistContext):
     from oreal.model import load_causal_lm
 
     try:
+        # loaded on the CPU and moved by FSDP2: the attention backend is chosen for where and in which
+        # dtype the forwards will run, not for the CPU it is loaded on
         return load_causal_lm(path, dtype=dtype, attn_backend=cfg.model.attn_backend,
-                              liger=cfg.model.liger and ctx.device.type == "cuda")
+                              liger=cfg.model.liger and ctx.device.type == "cuda",
+                              compute_device=ctx.device, compute_dtype=param_dtype(cfg, ctx))
     except ValueError as exc:
         raise SetupError(f"--model.path: {exc}") from exc
 
 
 def build_optimizer(module: torch.nn.Module, optim_cfg, ctx: DistContext, *, total_updates: int):
+    """AdamW over the trainable parameters, and its warm-up + cosine schedule over `total_updates` ticks."""
     params = [p for p in module.parameters() if p.requires_grad]
     kwargs = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps,
                   weight_decay=optim_cfg.weight_decay)
@@ -199,8 +207,10 @@ def build_optimizer(module: torch.nn.Module, optim_cfg, ctx: DistContext, *, tot
     else:
         kwargs["foreach"] = True
     optimizer = torch.optim.AdamW(params, **kwargs)
+    total = max(1, total_updates)
     scheduler = warmup_cosine(optimizer, lr=optim_cfg.lr, min_lr=optim_cfg.min_lr,
-                              warmup_steps=optim_cfg.warmup_steps, total_steps=max(1, total_updates))
+                              warmup_steps=warmup_length(optim_cfg.warmup_steps, optim_cfg.warmup_ratio, total),
+                              total_steps=total, from_zero=optim_cfg.warmup_from_zero)
     return optimizer, scheduler
 
 
@@ -224,72 +234,199 @@ def stop_token_ids(cfg: Config, tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
+def _engine_options(cfg: Config, ctx: DistContext) -> tuple[dict[str, Any], str]:
+    """(build_engine options, dtype) of one rollout engine of `cfg.rollout.engine`."""
+    options: dict[str, Any] = {}
+    if cfg.rollout.engine == "hf":
+        options.update(device="cpu" if ctx.device.type == "cpu" else str(ctx.device))
+        if cfg.rollout.placement == "dedicated" and ctx.device.type == "cpu":
+            # its own process: the node's cores, shared by the node's engines (the ranks sleep while they generate)
+            from oreal.runtime.budget import engine_threads, local_world_size
+
+            nodes = max(1, ctx.world_size // local_world_size())
+            sharing = -(-cfg.rollout.num_engines // nodes)
+            if cfg.rollout.max_staleness > 0:  # the ranks train while the engines generate: an even share each
+                sharing += local_world_size()
+            options["num_threads"] = engine_threads(cfg.rollout.engine_threads, sharing)
+        return options, ("float32" if ctx.device.type == "cpu" else cfg.model.param_dtype)
+    options.update(tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                   gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                   max_model_len=cfg.rollout.max_total_tokens)
+    return options, cfg.model.param_dtype
+
+
+def ranks_per_node(ctx: DistContext) -> int:
+    """Trainer ranks per node: torchrun's LOCAL_WORLD_SIZE (the whole job when launched without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+
+
 class EngineLauncher:
-    """Starts the rollout engine on rank 0 in a background thread, so that loading it (seconds for the
-    transformers engine, minutes for vLLM) overlaps with loading and sharding the trainer's models."""
+    """Starts the dedicated rollout engines in a background thread, so that loading them (seconds for the
+    transformers engine, minutes for vLLM) overlaps with loading and sharding the trainer's models.
+
+    Each node's local rank 0 starts its own node's engines (`oreal.rollout.placement.dedicated_layout`),
+    all at once; no engine is started from another node. The colocated placement starts nothing here: its
+    engines live in the trainer processes and are built by `build_generator`.
+    """
 
     def __init__(self, cfg: Config, ctx: DistContext, model_path: str):
-        self.engine, self.failure = None, None
+        self.engines: dict[int, Any] = {}
+        self.failure: str | None = None
+        self.layout = None
         self._thread = None
-        if ctx.is_main:
-            self._thread = threading.Thread(target=self._start, args=(cfg, ctx, model_path), daemon=True,
+        if cfg.rollout.placement != "dedicated":
+            return
+        from oreal.rollout.placement import PlacementError, dedicated_layout
+
+        try:
+            self.layout = dedicated_layout(cfg.rollout.num_engines, ctx.world_size, ranks_per_node(ctx),
+                                           cfg.rollout.tensor_parallel_size, cfg.rollout.gpus)
+        except PlacementError as exc:
+            self.failure = str(exc)
+            return
+        mine = self.layout.engines_of(ctx.rank)
+        if mine:
+            self._thread = threading.Thread(target=self._start_all, args=(cfg, ctx, model_path, mine), daemon=True,
                                             name="oreal-engine-start")
             self._thread.start()
 
-    def _start(self, cfg: Config, ctx: DistContext, model_path: str) -> None:
+    def _start_all(self, cfg: Config, ctx: DistContext, model_path: str, mine: list[int]) -> None:
+        threads = [threading.Thread(target=self._start, args=(cfg, ctx, model_path, e), daemon=True) for e in mine]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    def _start(self, cfg: Config, ctx: DistContext, model_path: str, index: int) -> None:
         from oreal.rollout import build_engine
 
-        options: dict[str, Any] = {}
-        if cfg.rollout.engine == "hf":
-            options.update(device="cpu" if ctx.device.type == "cpu" else str(ctx.device))
-            if cfg.rollout.engine_threads:
-                options["num_threads"] = cfg.rollout.engine_threads
-            dtype = "float32" if ctx.device.type == "cpu" else cfg.model.param_dtype
-        else:
-            options.update(tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-                           gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                           max_model_len=cfg.rollout.max_total_tokens)
-            dtype = cfg.model.param_dtype
+        options, dtype = _engine_options(cfg, ctx)
+        gpus = self.layout.gpus[index]
+        log = "engine.log" if self.layout.num_engines == 1 else f"engine-{index}.log"
         try:
-            self.engine = build_engine(cfg.rollout.engine, model_path, dtype=dtype, seed=cfg.train.seed,
-                                       request_timeout_s=cfg.rollout.timeout_s, sync_timeout_s=cfg.rollout.timeout_s,
-                                       gpus=cfg.rollout.gpus or None,
-                                       log_path=str(Path(cfg.output_dir) / "engine.log"), **options)
+            self.engines[index] = build_engine(
+                cfg.rollout.engine, model_path, dtype=dtype, seed=cfg.train.seed + index,
+                request_timeout_s=cfg.rollout.timeout_s, sync_timeout_s=cfg.rollout.timeout_s,
+                gpus=gpus if gpus is not None else (cfg.rollout.gpus or None),
+                log_path=str(Path(cfg.output_dir) / log), **options)
         except Exception as exc:  # noqa: BLE001 - reported to every rank by `result`
-            self.failure = f"--rollout.engine {cfg.rollout.engine}: the engine did not start: {exc}"
+            self.failure = f"--rollout.engine {cfg.rollout.engine}: engine {index} did not start: {exc}"
 
-    def result(self, group):
-        """The engine (rank 0; None elsewhere) once it is up; every rank raises SetupError if it failed."""
+    def result(self, group) -> dict[int, Any]:
+        """{engine index: engine} this rank owns (empty on most ranks) once all are up; every rank raises
+        SetupError if any engine anywhere failed to start."""
         if self._thread is not None:
             self._thread.join()
-        box = [self.failure]
-        dist.broadcast_object_list(box, src=0, group=group)
-        if box[0] is not None:
-            raise SetupError(box[0])
-        return self.engine
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, self.failure, group=group)
+        failures = list(dict.fromkeys(f for f in everyone if f))
+        if failures:
+            self.abandon()
+            raise SetupError("; ".join(failures))
+        return dict(self.engines)
 
     def abandon(self) -> None:
-        """Setup failed elsewhere: wait for the start to finish and stop the engine."""
+        """Setup failed elsewhere: wait for the starts to finish and stop the engines."""
         if self._thread is not None:
             self._thread.join()
-        if self.engine is not None:
-            self.engine.close()
-            self.engine = None
+        for engine in self.engines.values():
+            engine.close()
+        self.engines = {}
 
 
-def build_generator(cfg: Config, ctx: DistContext, policy_lm: torch.nn.Module, engine, group):
-    from oreal.rollout.generator import DistributedGenerator
+def generator_group(cfg: Config):
+    """A gloo group for the generator's object collectives whose timeout outlasts an engine's: a rank waiting
+    there for an owner whose engine hangs hears the owner's EngineTimeoutError instead of timing out first."""
+    import datetime
+
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=cfg.rollout.timeout_s + 300))
+
+
+def build_generator(cfg: Config, ctx: DistContext, policy_lm: torch.nn.Module, engines: dict[int, Any],
+                    launcher: EngineLauncher, model_path: str):
+    """The run's `DistributedGenerator`, over the dedicated engines the launcher started or the colocated
+    engine of every rank, with its weight syncer. Collective."""
+    from oreal.rollout.generator import ColocatedEngines, DedicatedEngines, DistributedGenerator
+
+    group = generator_group(cfg)
+    if cfg.rollout.placement == "colocated":
+        from oreal.rollout.colocated import LayerwiseLoader
+        from oreal.rollout.placement import PlacementError, colocated_groups
+
+        try:
+            colocated_groups(ctx.world_size, cfg.rollout.tensor_parallel_size)
+        except PlacementError as exc:
+            raise SetupError(str(exc)) from exc
+        engine, failure = None, None
+        try:
+            engine = _colocated_engine(cfg, ctx, model_path)
+        except SetupError as exc:
+            failure = str(exc)
+        everyone: list = [None] * ctx.world_size
+        dist.all_gather_object(everyone, failure, group=group)  # one rank's failure stops every rank
+        failures = list(dict.fromkeys(f for f in everyone if f))
+        if failures:
+            if engine is not None:
+                engine.close()
+            raise SetupError("; ".join(failures))
+        placement = ColocatedEngines(engine, rank=ctx.rank, world_size=ctx.world_size,
+                                     tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                                     sleep_level=cfg.rollout.sleep_level, group=group)
+        return DistributedGenerator(placement, LayerwiseLoader(policy_lm, engine, group=group))
     from oreal.rollout import WeightSyncer
+    from oreal.rollout.fanout import EngineFanOut
 
-    syncer = WeightSyncer(policy_lm, engine, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
-    return DistributedGenerator(engine, syncer, rank=ctx.rank, world_size=ctx.world_size, group=group)
+    layout = launcher.layout
+    mine = [engines[e] for e in sorted(engines)]
+    placement = DedicatedEngines(engines, layout, rank=ctx.rank, world_size=ctx.world_size, group=group)
+    if len(layout.owner_ranks) == 1:  # one node: rank 0 feeds every engine itself
+        sync_target = None if not mine else (mine[0] if len(mine) == 1 else EngineFanOut(mine))
+        return DistributedGenerator(placement, WeightSyncer(policy_lm, sync_target,
+                                                            bucket_bytes=cfg.rollout.sync_bucket_mb << 20))
+    # Several nodes: rank 0 gathers each bucket once and relays it through every other node's owner.
+    from oreal.rollout.relay import RelayedSyncer, RelayServer, RemoteNode, pair_groups
+
+    device = ctx.device  # NCCL between GPUs, gloo between CPU processes
+    pairs = pair_groups(list(layout.owner_ranks), device, timeout_s=cfg.rollout.timeout_s + 300)
+    remotes, server = [], None
+    if ctx.rank == 0:
+        remotes = [RemoteNode(owner, group_, device, cfg.rollout.timeout_s) for owner, group_ in pairs.items()]
+        sync_target = EngineFanOut(mine + remotes)
+    else:
+        sync_target = None
+        if ctx.rank in pairs:
+            server = RelayServer(mine, pairs[ctx.rank], device)
+    syncer = WeightSyncer(policy_lm, sync_target, bucket_bytes=cfg.rollout.sync_bucket_mb << 20)
+    return DistributedGenerator(placement, RelayedSyncer(syncer, remotes=remotes, server=server,
+                                                         timeout_s=cfg.rollout.timeout_s + 300))
+
+
+def _colocated_engine(cfg: Config, ctx: DistContext, model_path: str):
+    """This rank's engine of the colocated placement: transformers in process (CPU), or vLLM's external
+    launcher (GPU), whose tensor-parallel groups are consecutive trainer ranks."""
+    options, dtype = _engine_options(cfg, ctx)
+    try:
+        if cfg.rollout.engine == "hf":
+            from oreal.rollout.colocated import InProcessEngine
+
+            return InProcessEngine(model_path, dtype=dtype, seed=cfg.train.seed, device=options["device"],
+                                   request_timeout_s=cfg.rollout.timeout_s)
+        from oreal.rollout.vllm_colocated import VllmColocatedEngine
+
+        return VllmColocatedEngine(model_path, dtype=dtype, seed=cfg.train.seed, rank=ctx.rank,
+                                   world_size=ctx.world_size, request_timeout_s=cfg.rollout.timeout_s, **options)
+    except Exception as exc:  # noqa: BLE001 - one clear message naming the option
+        raise SetupError(f"--rollout.placement colocated: the {cfg.rollout.engine} engine did not start in trainer "
+                         f"rank {ctx.rank}: {type(exc).__name__}: {exc}") from exc
 
 
 class Judge:
     """Rewards from the judger: `judge(texts, golds, questions) -> list[bool]`, with counters for the metrics.
 
     The rules run in the judger's pool of killable worker processes (hard per-answer timeout); the LLM
-    verifier, when configured, is consulted where the rules say "not equal".
+    verifier, when configured, is consulted on every finished response the rules reject (OREAL's policy).
+    A recipe whose original judged with a verifier (`judge.verifier_expected`) warns once, loudly, when
+    none is configured: its rewards will differ from the paper's.
     """
 
     def __init__(self, cfg: Config):
@@ -299,14 +436,16 @@ class Judge:
         self.cfg = cfg.judge
         self.verifier = _build_verifier(cfg) if cfg.judge.verifier_hosts else None
         self.timeouts = 0
+        if self.verifier is None and cfg.judge.verifier_expected:
+            warn_missing_verifier()
 
     def __call__(self, texts: list[str], golds: list[str], questions: list[str] | None = None) -> list[bool]:
         if not texts:
             return []
         judgements = self._judge_batch(texts, golds, questions=questions, stop_word=self.cfg.stop_word or None,
                                        thinking_finish_words=tuple(self.cfg.thinking_finish_words),
-                                       timeout=self.cfg.timeout_s, num_workers=self.cfg.num_workers or None,
-                                       verifier=self.verifier)
+                                       timeout=self.cfg.timeout_s, num_workers=judge_workers(self.cfg.num_workers),
+                                       verifier=self.verifier, decimal_policy=self.cfg.decimal_policy)
         self.timeouts += sum(1 for j in judgements if j.reason == "timeout")
         return [bool(j.correct) for j in judgements]
 
@@ -316,6 +455,24 @@ class Judge:
             out["judge/verifier_failures"] = float(self.verifier.metrics.failed)
             out["judge/verifier_overrules"] = float(self.verifier.metrics.equivalent)
         return out
+
+
+_warned_missing_verifier = False
+
+
+def warn_missing_verifier() -> None:
+    """Once per process: this recipe's original consults an LLM verifier, and no verifier is configured."""
+    global _warned_missing_verifier
+    if _warned_missing_verifier or os.environ.get("RANK", "0") != "0":  # once, from the first rank
+        return
+    _warned_missing_verifier = True
+    message = ("\n" + "!" * 100 + "\n"
+               "WARNING: this recipe's original judges with an LLM verifier (every finished response the rules "
+               "reject is sent to it),\nbut no verifier is configured: rewards, and so the training curve, will "
+               "differ from the paper's.\nServe the verifier model (OpenAI-compatible) and pass --judge.verifier_hosts "
+               f"HOST:PORT,... and --judge.verifier_model NAME\n(or set {VERIFIER_HOSTS_ENV}).\n" + "!" * 100)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    print(message, file=sys.stderr, flush=True)
 
 
 def _build_verifier(cfg: Config):

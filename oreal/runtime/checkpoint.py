@@ -8,17 +8,29 @@ rank has finished, so a directory named `step-*` is always complete; a kill mid-
 temporary directory, removed by the next save. The last `keep_last` checkpoints are kept, plus
 the best one by evaluation.
 
+Its `meta.json` records the size and SHA-256 of every file of the checkpoint (the ranks hash their
+shares in parallel). Resuming checks them first: a truncated, emptied or altered file is found
+before anything is loaded, `--resume` (latest) falls back to the newest intact checkpoint with a
+warning naming what was wrong, and when none is intact the run stops with a `CheckpointError`.
+Checkpoints are trusted input all the same: DCP's `.metadata` is a pickle, which these checks
+do not make safe to load from someone else.
+
 `export_hf` gathers the policy's full state dict and writes it as safetensors shards with the
-model's config and tokenizer, loadable with `AutoModelForCausalLM.from_pretrained`.
+model's config and tokenizer, loadable with `AutoModelForCausalLM.from_pretrained`. Files are
+fsynced and the new folder replaces the old one in a single rename (an atomic exchange where the
+filesystem has one), so a crash leaves the old export or the new one, never a half of either.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +44,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 BEST_FILE = "best.json"
+META_FILE = "meta.json"
+_HASH_CHUNK = 4 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -56,16 +70,92 @@ def step_dir_name(step: int) -> str:
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under `root`, oldest first, as (step, path)."""
+    """Checkpoints under `root` (`step-*` folders with DCP's `.metadata` or our `meta.json`), oldest
+    first, as (step, path). A damaged one is listed too: `verify_checkpoint` tells."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for path in root.iterdir():
         match = _STEP_DIR.match(path.name)
-        if match and path.is_dir() and (path / ".metadata").exists():
+        if match and path.is_dir() and ((path / ".metadata").exists() or (path / META_FILE).exists()):
             found.append((int(match.group(1)), path))
     return sorted(found)
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _my_share(names: list[str]) -> list[str]:
+    """This rank's part of `names` (sorted): the ranks hash a checkpoint's files in parallel."""
+    rank, world = _rank(), _world()
+    return [name for i, name in enumerate(sorted(names)) if i % world == rank]
+
+
+def _gather(value):
+    """Every rank's `value`, in rank order (just ours without a process group)."""
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * _world()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _read_meta(path: Path) -> tuple[dict | None, str | None]:
+    meta_path = path / META_FILE
+    try:
+        text = meta_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, f"{META_FILE} is missing"
+    except (OSError, UnicodeDecodeError) as e:
+        return None, f"{META_FILE} cannot be read ({e})"
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError:
+        return None, f"{META_FILE} is empty or not JSON" if text.strip() else f"{META_FILE} is empty"
+    if not isinstance(meta, dict):
+        return None, f"{META_FILE} does not hold an object"
+    return meta, None
+
+
+def _file_problem(path: Path, name: str, record) -> str | None:
+    if not isinstance(record, dict) or not isinstance(record.get("bytes"), int) or "sha256" not in record:
+        return f"{META_FILE} has a malformed entry for {name}"
+    target = path / name
+    try:
+        size = target.stat().st_size
+    except FileNotFoundError:
+        return f"{name} is missing"
+    if size != record["bytes"]:
+        return f"{name} has {size} bytes, {record['bytes']} were written (truncated or overwritten)"
+    if file_digest(target) != record["sha256"]:
+        return f"{name} does not match its checksum (its bytes changed after the save)"
+    return None
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when checkpoint `path` is intact, else what is wrong. Collective under a process group
+    (every rank checks its share of the files; all get the same answer)."""
+    path = Path(path)
+    meta, problem = _read_meta(path)
+    problems = []
+    if problem is None:
+        files = meta.get("files")
+        if files is None:  # written before checksums were recorded: nothing to check it against
+            files = {}
+        elif not isinstance(files, dict):
+            problem = f"{META_FILE} has a malformed file list"
+        elif ".metadata" not in files:
+            problem = f"{META_FILE} does not list DCP's .metadata"
+        else:
+            problems = [p for name in _my_share(list(files)) if (p := _file_problem(path, name, files[name]))]
+    found = [p for share in _gather(problems if problem is None else [problem]) for p in share]
+    return "; ".join(dict.fromkeys(found)) or None
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
@@ -113,17 +203,25 @@ class _Stateful:
             self.optimizer.state.clear()
 
 
+RANK_EXTRA = "extra"  # per-rank JSON state a trainer adds (oreal.algorithms.loop: rollouts generated ahead)
+
+
 class CheckpointManager:
     """Saves and restores everything a run needs to continue exactly where it stopped."""
 
-    def __init__(self, output_dir: str | Path, *, keep_last: int):
+    def __init__(self, output_dir: str | Path, *, keep_last: int, kill_mid_save_step: int = 0):
         self.root = Path(output_dir) / CHECKPOINT_DIR
         self.keep_last = keep_last
+        self.kill_mid_save_step = kill_mid_save_step  # testing aid (debug.kill_mid_save_step)
 
     # ---------------------------------------------------------------------------------------------
     def save(self, step: int, *, models: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
-             schedulers: dict[str, Any], sampler: Any, trainer_state: dict[str, Any]) -> Path:
-        """Write checkpoint `step` atomically; every rank must call this. Returns the final directory."""
+             schedulers: dict[str, Any], sampler: Any, trainer_state: dict[str, Any],
+             rank_extra: dict[str, Any] | None = None) -> Path:
+        """Write checkpoint `step` atomically; every rank must call this. Returns the final directory.
+
+        `rank_extra`: this rank's own JSON-able state (the rollouts generated ahead of their step), or None;
+        `load` returns it under "rank_extra"."""
         final = self.root / step_dir_name(step)
         tmp = self.root / f".tmp-{step_dir_name(step)}"
         if _rank() == 0:
@@ -132,18 +230,41 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
         state = self._state(models, schedulers, sampler, trainer_state, step)
-        dcp.save(state, checkpoint_id=str(tmp))
+        if rank_extra is not None:
+            state[f"rank{_rank()}"][RANK_EXTRA] = json.dumps(rank_extra)
+        dcp.save(state, checkpoint_id=str(tmp))  # (DCP fsyncs the files it writes)
+        if step == self.kill_mid_save_step and _rank() == _world() - 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # debug.kill_mid_save_step: a rank dies half-way through
         _barrier()  # every rank's shards are on disk
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        mine = {name: {"bytes": (tmp / name).stat().st_size, "sha256": file_digest(tmp / name)}
+                for name in _my_share(names)}
+        files = {name: record for share in _gather(mine) for name, record in share.items()}
         if _rank() == 0:
-            with open(tmp / "meta.json", "w", encoding="utf-8") as handle:
-                json.dump({"step": step, "world_size": _world()}, handle)
-            if final.exists():  # a re-save of the same step (after a resume): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            meta = {"step": step, "world_size": _world(), "files": dict(sorted(files.items()))}
+            _write_atomically(tmp / META_FILE, json.dumps(meta, indent=1))
+            _fsync_dir(tmp)
+            _swap_in(tmp, final)  # a re-save of the same step (after a resume) replaces it whole
             _fsync_dir(self.root)
             self._prune(protect=trainer_state.get("best_step"))
         _barrier()
         return final
+
+    def latest_intact(self, warn) -> Path | None:
+        """The newest checkpoint whose files match their checksums (collective). Each damaged one
+        passed over is reported through `warn(text)`; None when there is none at all, and a
+        `CheckpointError` when there are some but every one is damaged."""
+        damaged = []
+        for step, path in reversed(list_checkpoints(self.root)):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            damaged.append(f"{path.name}: {problem}")
+            warn(f"warning: --resume: checkpoint {path} is damaged ({problem}); falling back to an older one")
+        if damaged:
+            raise CheckpointError(f"--resume: no intact checkpoint under {self.root}: " + "; ".join(damaged)
+                                  + ". Start afresh (--overwrite) or restore the folder from a copy")
+        return None
 
     def load(self, path: str | Path, *, models: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]],
              schedulers: dict[str, Any], sampler: Any) -> dict[str, Any]:
@@ -152,20 +273,35 @@ class CheckpointManager:
         if not (path / ".metadata").exists():
             raise CheckpointError(f"--resume: {str(path)!r} is not a complete checkpoint (no .metadata); "
                                   f"complete ones under {self.root}: {[p.name for _, p in list_checkpoints(self.root)]}")
-        meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise CheckpointError(f"--resume: checkpoint {path} is damaged: {problem}")
+        meta, _ = _read_meta(path)
         if meta.get("world_size", _world()) != _world():
             raise CheckpointError(
                 f"--resume: {path} was written by {meta['world_size']} ranks, this run has {_world()}; exact resume "
                 "(data sampler and RNG state per rank) needs the same number of ranks")
         state = self._state(models, schedulers, sampler, {}, None)
-        dcp.load(state, checkpoint_id=str(path))  # fills tensors in place; Stateful models load themselves
+        has_extra = f"rank{_rank()}.{RANK_EXTRA}" in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        if has_extra:  # only checkpoints written with rollouts in flight have it
+            state[f"rank{_rank()}"][RANK_EXTRA] = ""
+        try:
+            dcp.load(state, checkpoint_id=str(path))  # fills tensors in place; Stateful models load themselves
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            raise CheckpointError(f"--resume: checkpoint {path} cannot be loaded into this run: "
+                                  f"{type(e).__name__}: {str(e)[:2000]}") from e
         for name, scheduler in schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
         own = state.get(f"rank{_rank()}")
         if sampler is not None:
             sampler.load_state_dict(own["sampler"])
         set_rng_state(own["rng"])
-        return json.loads(state["trainer"])
+        trainer_state = json.loads(state["trainer"])
+        if has_extra:
+            trainer_state["rank_extra"] = json.loads(own[RANK_EXTRA])
+        return trainer_state
 
     # ---------------------------------------------------------------------------------------------
     def _state(self, models, schedulers, sampler, trainer_state, step) -> dict:
@@ -192,6 +328,58 @@ class CheckpointManager:
             tmp.write_text(json.dumps({"step": step, "score": score, "metric": metric,
                                        "checkpoint": step_dir_name(step)}))
             os.replace(tmp, self.root / BEST_FILE)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """`path` holds the old text or the new, never a part: written aside, fsynced, renamed."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Put folder `new` at `final`, replacing what is there: atomically where the filesystem can
+    exchange two names, else by two renames (a crash between them leaves `<final>.old` beside
+    `new`, and both are complete)."""
+    if not final.exists():
+        os.replace(new, final)
+        return
+    if _exchange(new, final):
+        shutil.rmtree(new)  # now the old folder
+        return
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(path: Path) -> None:
+    for item in sorted(path.rglob("*")):
+        if item.is_file():
+            fd = os.open(item, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -258,8 +446,8 @@ def export_hf(module: torch.nn.Module, hf_config: Any, tokenizer: Any, out_dir: 
     hf_config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    _fsync_tree(tmp)
+    _swap_in(tmp, out_dir)
+    _fsync_dir(out_dir.parent)
     _barrier()
     return out_dir

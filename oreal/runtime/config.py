@@ -7,8 +7,10 @@ another file through `load_config_file`. The command line overrides any option b
 
 Values are converted from the text by the field's annotated type (int, float, bool, str, lists,
 tuples, Optional). An unknown or mistyped option is a `ConfigError` naming it and the nearest valid
-one. Three shorthands: `--steps N` (= `--train.steps`), `--output-dir DIR` (= `--output_dir`) and
-`--resume [PATH]` (resume from the latest checkpoint in the output directory, or from PATH).
+one when there is a close one. Shorthands: `--steps N` (= `--train.steps`), `--output-dir DIR`
+(= `--output_dir`), `--resume [PATH]` (resume from the latest checkpoint in the output directory,
+or from PATH) and `--overwrite` (start afresh in a used output directory, deleting what it holds).
+Every number is checked at parse time (finite, in its range), with an error naming the option.
 
 This module imports no torch, so parsing and validating a config is cheap and needs no process group.
 """
@@ -88,19 +90,35 @@ class DataConfig:
 class RolloutConfig:
     """The generator of the K samples per prompt."""
 
-    engine: str = "vllm"  # vllm (dedicated GPUs) | hf (transformers, own process; CPU)
+    engine: str = "vllm"  # vllm (GPUs) | hf (transformers; CPU)
+    # Where the engines run. "dedicated": engine processes on GPUs of their own (`gpus`), `num_engines`
+    # data-parallel engines over all nodes, each node's local rank 0 owning its node's share, weights
+    # broadcast after every update. "colocated": one engine per `tensor_parallel_size` trainer ranks,
+    # inside the trainer processes on the training GPUs, asleep while the policy trains, weights loaded
+    # in process layer by layer (no broadcast).
+    placement: str = "dedicated"
+    num_engines: int = 1  # dedicated: engines over the whole job, a multiple of the node count
+    sleep_level: int = 2  # colocated: 1 offloads the engine's weights while training, 2 discards them
     temperature: float = 1.0
     top_p: float = 0.9
     top_k: int = 0  # 0: off
     max_new_tokens: int = 14000
     max_total_tokens: int = 16384  # prompt + response
     stop_words: list[str] = field(default_factory=list)
-    gpus: str = ""  # CUDA_VISIBLE_DEVICES of the engine process (vllm), e.g. "4,5,6,7"; "" inherits
+    # dedicated: the GPUs of each node that hold its engines, e.g. "4,5,6,7", handed out in order,
+    # tensor_parallel_size to an engine; "" inherits CUDA_VISIBLE_DEVICES (one engine per node)
+    gpus: str = ""
     gpu_memory_utilization: float = 0.85
     tensor_parallel_size: int = 1
-    engine_threads: int = 0  # hf engine: torch threads in the engine process; 0: torch's default
+    # dedicated hf engine on CPU: torch threads of the engine process; 0: the node's cores over its engines
+    # (the trainer ranks sleep while the engines generate; oreal.runtime.budget)
+    engine_threads: int = 0
     sync_bucket_mb: int = 1024
     timeout_s: float = 3600.0  # a generation or sync that takes longer is an engine failure
+    # 0: synchronous steps (generate, then train). 1: the engines generate step k+1's rollouts while step k
+    # trains, with the weights step k started from, so a step trains on data at most one update old
+    # (oreal.rollout.overlap); dedicated placement only.
+    max_staleness: int = 0
 
 
 @dataclass(kw_only=True)
@@ -110,10 +128,15 @@ class JudgeConfig:
     stop_word: str = ""
     thinking_finish_words: list[str] = field(default_factory=lambda: ["</think>", "<conclude>", "**Final Answer**"])
     timeout_s: float = 2.0  # per answer, hard (the worker is killed)
-    num_workers: int = 4
+    num_workers: int = 0  # judge worker processes per rank (started when sympy is needed); 0: the rank's cores
     verifier_hosts: list[str] = field(default_factory=list)  # OpenAI-compatible servers; empty: rules only
     verifier_model: str = ""
     verifier_timeout_s: float = 30.0
+    # The recipe's original judged with an LLM verifier (OREAL): without one, warn once that rewards differ.
+    verifier_expected: bool = False
+    # How a decimal may stand for a non-terminating exact value: "relative" (within a relative 1e-4, the
+    # originals' rule judgers) or "rounding" (lenient: the value rounded to the written places).
+    decimal_policy: str = "relative"
 
 
 @dataclass(kw_only=True)
@@ -126,6 +149,16 @@ class LossConfig:
     backend: str = "auto"  # torch | triton | native | auto
     filter_groups: bool = True  # keep one correct and one wrong sample of each prompt with 0 < pass rate < 1
     use_token_rm: bool = True
+    # Off-policy steps (rollout.max_staleness 1): each token's loss is weighted by the detached truncated
+    # importance ratio min(pi / mu, importance_cap), mu the engine's log-prob (oreal.ops.loss); >= 1.
+    importance_cap: float = 2.0
+    # Which hidden state the token RM reads for action token a_t: "preceding" (OREAL's `[-n-1:-1]` slice:
+    # the state before a_t, where the policy's logit for a_t is) or "following" (the state after a_t,
+    # which has seen the token it scores).
+    token_rm_reads: str = "preceding"
+    # The token RM's fresh scalar head: "uniform" (torch's nn.Linear init, U(-1/sqrt(H), 1/sqrt(H)), as OREAL's
+    # `torch.nn.Linear(hidden_size, 1, bias=False)`) or "zero" (every score starts at 0)
+    token_rm_head_init: str = "uniform"
 
 
 @dataclass(kw_only=True)
@@ -133,20 +166,37 @@ class PPOConfig:
     """The clipped-surrogate update of `--algorithm grpo` and `--algorithm ppo` (unused by OREAL).
 
     Each step's samples are split into `minibatches` (one optimizer update each) and trained on for
-    `epochs` passes, against the log-probs a no-grad forward of the policy gave before the first
-    update; `oreal.fused_policy_loss` is the loss. `early_stop_ratio` is RLinf's minibatch early-stop:
-    a minibatch whose importance ratio (its token mean, or max, over every rank) exceeds it is skipped
-    (no update) and counted in `update/skipped_minibatches`.
+    `epochs` passes, against behaviour log-probs from a no-grad forward of the policy before the first
+    update (`old_logprobs` "recompute") or from the rollout engine ("engine"); when the update is exactly
+    on-policy (one epoch, one minibatch, recomputed) they are the detached current log-probs and the
+    extra forward is skipped. `oreal.fused_policy_loss` is the loss. `early_stop_ratio` is RLinf's
+    early-stop: with `early_stop_scope` "micro_batch" (RLinf) the loss of a micro-batch whose token-mean
+    ratio, averaged over the ranks, exceeds it is zeroed (`update/zeroed_micro_batches`) and the
+    optimizer still steps on the rest; with "minibatch" a minibatch whose ratio (token mean, or max, over
+    every rank) exceeds it is skipped whole (`update/skipped_minibatches`).
     """
 
     epochs: int = 1
     minibatches: int = 4
     clip_low: float = 0.2  # the ratio is clipped to [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.2
-    loss_agg: str = "token"  # token: sum over the minibatch's tokens / their count (DAPO); sequence: mean of means
+    # token: sum over the minibatch's tokens / their count (DAPO); step_token: / the token count of the whole
+    # step, all minibatches (RLinf's use_valid_token_scale); sequence: mean of per-sequence token means
+    loss_agg: str = "token"
     kl_coef: float = 0.0  # k3 KL to the frozen initial policy, in the loss
     early_stop_ratio: float = 0.0  # skip a minibatch whose importance ratio exceeds this; 0: never
-    early_stop_statistic: str = "mean"  # mean: token mean over the minibatch (RLinf); max: the largest ratio
+    early_stop_statistic: str = "mean"  # minibatch scope: token mean over the minibatch (RLinf); max: the largest
+    early_stop_scope: str = "minibatch"  # micro_batch: zero that micro-batch's loss (RLinf); minibatch: skip it all
+    old_logprobs: str = "recompute"  # behaviour log-probs: recompute (no-grad forward) | engine (the sampler's)
+    shuffle: bool = True  # shuffle the step's samples before the minibatch split (RLinf's shuffle_rollout)
+    whiten_advantages: bool = False  # GRPO: whiten again over the step's response tokens, all ranks (RLinf)
+    # Softmax temperature of the loss's, the reference's and the KL's log-probs; 0: the sampling temperature
+    # (RLinf, verl); SimpleRL-Zero (OpenRLHF) reads raw logits: 1.0.
+    loss_temperature: float = 0.0
+    # verdict: reward_correct / reward_wrong; boxed (SimpleRL-Zero): reward_unboxed when the response has no
+    # "boxed" at all, whatever its answer, else reward_correct / reward_wrong
+    reward_rule: str = "verdict"
+    reward_unboxed: float = -1.0
     reward_correct: float = 1.0  # the judge's verdict as a reward
     reward_wrong: float = -1.0
     group_norm_eps: float = 1e-6  # GRPO: (r - mean) / (std + eps) over the samples of a prompt
@@ -162,15 +212,21 @@ class CriticConfig:
     lam: float = 0.95  # GAE lambda
     whiten_advantages: bool = True  # normalise GAE advantages over the step's tokens (all ranks)
     kl_reward_coef: float = 0.0  # per-token reward -coef * (log pi_old - log pi_ref), as OpenRLHF's init_kl_coef
+    loss_agg: str = "token"  # value loss: token (mean over the minibatch's tokens) | sequence (mean of means)
+    # zero: every value starts at 0; normal: N(0, 1 / (hidden + 1)), OpenRLHF's init of a critic from a base model
+    value_head_init: str = "zero"
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    """AdamW with linear warm-up and cosine decay to a floor."""
+    """AdamW with linear warm-up and cosine decay to a floor (`oreal.runtime.schedule`)."""
 
     lr: float = 1e-6
     min_lr: float = 1e-7
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # > 0: warm-up = ceil(ratio x the schedule's length) (OpenRLHF: 0.03)
+    warmup_from_zero: bool = False  # transformers' schedules: the first update runs at lr 0 (OpenRLHF)
+    schedule_unit: str = "step"  # the schedule advances per training step, or per optimizer "update"
     weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)  # torch's AdamW default
     eps: float = 1e-8
@@ -183,7 +239,12 @@ class TrainConfig:
 
     steps: int = 90
     freeze_policy_steps: int = 0  # the policy is frozen while the token RM trains, for these first steps
-    micro_batch_tokens: int = 32768  # token budget of one packed micro-batch (per rank)
+    # OREAL: the policy's warm-up and cosine run through the frozen steps (its first update is at full lr);
+    # False: they start at its first update
+    schedule_frozen_steps: bool = True
+    # token budget of one packed micro-batch (per rank); 0: derived from the model and the free memory
+    # (oreal.runtime.budget: a quarter of it for activations)
+    micro_batch_tokens: int = 0
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
 
@@ -211,8 +272,15 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class LogConfig:
+    """Where step metrics go besides metrics.jsonl (oreal.runtime.metrics)."""
+
     tensorboard: bool = True
-    progress_bar: bool = True
+    progress_bar: bool = True  # shown only where stderr is a terminal
+    console: bool = True  # one line per step on stderr (reward, pass rate, loss, KL, tokens/s, time split, ETA)
+    wandb: bool = False  # Weights & Biases (pip install 'oreal[wandb]'); WANDB_MODE=offline is honoured
+    wandb_project: str = "oreal"
+    wandb_run_name: str = ""  # "": the output directory's name
+    wandb_entity: str = ""
 
 
 @dataclass(kw_only=True)
@@ -220,6 +288,7 @@ class DebugConfig:
     """Testing aids."""
 
     kill_after_step: int = 0  # SIGKILL rank 0 right after this step's checkpoint is written (resume tests)
+    kill_mid_save_step: int = 0  # SIGKILL the last rank half-way through this step's checkpoint (fault tests)
     nonfinite_at_step: int = 0  # make this step's policy loss NaN (tests the skip-on-non-finite path)
 
 
@@ -229,6 +298,7 @@ class Config:
 
     output_dir: str = "outputs/oreal"
     resume: str = ""  # "": start fresh; "latest": the newest checkpoint in output_dir; or a checkpoint directory
+    overwrite: bool = False  # delete a used output_dir and start afresh (without it, or resume, a used one is refused)
     # oreal: the paper's step (oreal.algorithms.oreal); grpo: RLinf's GRPO; ppo: PPO with a critic (oreal.algorithms)
     algorithm: str = "oreal"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -261,10 +331,22 @@ ALGORITHMS = ("oreal", "grpo", "ppo")
 
 CHOICES = {
     "algorithm": ALGORITHMS,
-    "ppo.loss_agg": ("token", "sequence"),
+    "ppo.loss_agg": ("token", "step_token", "sequence"),
     "ppo.early_stop_statistic": ("mean", "max"),
+    "ppo.early_stop_scope": ("micro_batch", "minibatch"),
+    "ppo.old_logprobs": ("recompute", "engine"),
+    "ppo.reward_rule": ("verdict", "boxed"),
+    "critic.loss_agg": ("token", "sequence"),
+    "critic.value_head_init": ("zero", "normal"),
+    "loss.token_rm_reads": ("preceding", "following"),
+    "loss.token_rm_head_init": ("uniform", "zero"),
+    "judge.decimal_policy": ("relative", "rounding"),
+    "policy_optim.schedule_unit": ("step", "update"),
+    "rm_optim.schedule_unit": ("step", "update"),
+    "critic_optim.schedule_unit": ("step", "update"),
     "data.format": ("auto", "oreal", "areal", "math", "gsm8k"),
     "rollout.engine": ("vllm", "hf"),
+    "rollout.placement": ("dedicated", "colocated"),
     "loss.backend": ("auto", "torch", "triton", "native"),
     "train.device": ("auto", "cpu", "cuda"),
     "model.param_dtype": ("bfloat16", "float16", "float32"),
@@ -297,10 +379,17 @@ def _validate(cfg: Config) -> None:
     need(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0")
     need(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     need(cfg.rollout.max_new_tokens > 0, "rollout.max_new_tokens", "must be > 0")
+    need(cfg.rollout.num_engines >= 1, "rollout.num_engines", "must be >= 1")
+    need(cfg.rollout.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
+    need(cfg.rollout.sleep_level in (1, 2), "rollout.sleep_level", "must be 1 (offload) or 2 (discard)")
+    need(cfg.rollout.placement == "dedicated" or cfg.rollout.num_engines == 1, "rollout.num_engines",
+         "is for the dedicated placement; colocated runs one engine per rollout.tensor_parallel_size trainer "
+         "ranks (leave num_engines at 1)")
     need(cfg.rollout.max_total_tokens > cfg.rollout.max_new_tokens, "rollout.max_total_tokens",
          f"must exceed rollout.max_new_tokens ({cfg.rollout.max_new_tokens}) to leave room for the prompt")
-    need(cfg.train.micro_batch_tokens >= cfg.rollout.max_total_tokens, "train.micro_batch_tokens",
-         f"must hold one whole sequence of rollout.max_total_tokens ({cfg.rollout.max_total_tokens})")
+    need(cfg.train.micro_batch_tokens == 0 or cfg.train.micro_batch_tokens >= cfg.rollout.max_total_tokens,
+         "train.micro_batch_tokens", f"must be 0 (derived) or hold one whole sequence of rollout.max_total_tokens "
+         f"({cfg.rollout.max_total_tokens})")
     need(cfg.train.steps > 0, "train.steps", "must be > 0")
     need(cfg.train.freeze_policy_steps >= 0, "train.freeze_policy_steps", "must be >= 0")
     for name in ("policy_optim", "rm_optim", "critic_optim"):
@@ -308,10 +397,12 @@ def _validate(cfg: Config) -> None:
         need(optim.lr > 0, f"{name}.lr", "must be > 0")
         need(0 <= optim.min_lr <= optim.lr, f"{name}.min_lr", f"must be in [0, {name}.lr={optim.lr}]")
         need(optim.warmup_steps >= 0, f"{name}.warmup_steps", "must be >= 0")
+        need(0 <= optim.warmup_ratio < 1, f"{name}.warmup_ratio", f"must be in [0, 1), got {optim.warmup_ratio}")
         need(optim.grad_clip >= 0, f"{name}.grad_clip", "must be >= 0 (0: no clipping)")
         need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), f"{name}.betas",
              "must be two numbers in [0, 1)")
     need(cfg.loss.kl_coef >= 0, "loss.kl_coef", "must be >= 0")
+    _validate_overlap(cfg, need)
     _validate_ppo(cfg, need)
     need(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0")
     need(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
@@ -321,6 +412,73 @@ def _validate(cfg: Config) -> None:
          "lists no file, but evaluation is enabled (eval.interval or eval.at_start)")
     need(cfg.debug.kill_after_step >= 0, "debug.kill_after_step", "must be >= 0")
     need(cfg.debug.nonfinite_at_step >= 0, "debug.nonfinite_at_step", "must be >= 0")
+    need(cfg.debug.kill_mid_save_step >= 0, "debug.kill_mid_save_step", "must be >= 0")
+    need(not (cfg.resume and cfg.overwrite), "overwrite", "contradicts --resume: continue the run, or start afresh")
+    _validate_numbers(cfg, need)
+    need(not cfg.log.wandb or importlib.util.find_spec("wandb") is not None, "log.wandb",
+         "needs the wandb package: pip install 'oreal[wandb]' (or pip install wandb)")
+
+
+# Options whose number must be > 0 (a time limit of 0 or less cannot work).
+POSITIVE = ("rollout.timeout_s", "judge.timeout_s", "judge.verifier_timeout_s",
+            "rollout.sync_bucket_mb", "rollout.top_p", "data.max_prompt_tokens", "eval.max_new_tokens",
+            "policy_optim.eps", "rm_optim.eps", "critic_optim.eps")
+# Options that must be >= 0 (eval.temperature 0 is greedy decoding, as the demo scores; 0 threads or workers:
+# decided from the machine).
+NON_NEGATIVE = ("rollout.top_k", "rollout.engine_threads", "judge.num_workers", "eval.max_problems",
+                "data.drop_pass_rate_above", "eval.temperature",
+                "policy_optim.weight_decay", "rm_optim.weight_decay", "critic_optim.weight_decay")
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def _numbers(value: Any, path: str):
+    """(path, number) for every int or float in an option's value (lists and tuples included)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield path, value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _numbers(item, path)
+
+
+def _validate_numbers(cfg: Config, need) -> None:
+    """Every number of the tree finite; time limits, worker counts and bucket sizes in range."""
+    for path in option_paths(cfg):
+        for _, number in _numbers(get_option(cfg, path), path):
+            need(number == number and abs(number) != float("inf"), path, f"must be a finite number, got {number!r}")
+    for path in POSITIVE:
+        value = get_option(cfg, path)
+        need(value > 0, path, f"must be > 0, got {value!r}")
+    for path in NON_NEGATIVE:
+        value = get_option(cfg, path)
+        need(value >= 0, path, f"must be >= 0, got {value!r}")
+    for path in ("rollout.timeout_s", "judge.timeout_s", "judge.verifier_timeout_s"):
+        value = get_option(cfg, path)
+        need(value <= MAX_TIMEOUT_S, path, f"must be at most {MAX_TIMEOUT_S:g} seconds (7 days), got {value!r}")
+    need(0 < cfg.rollout.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+         f"must be in (0, 1], got {cfg.rollout.gpu_memory_utilization!r}")
+    need(0 < cfg.eval.top_p <= 1, "eval.top_p", f"must be in (0, 1], got {cfg.eval.top_p!r}")
+
+
+def _validate_overlap(cfg: Config, need) -> None:
+    """`rollout.max_staleness` and what one step of overlap needs."""
+    r = cfg.rollout
+    need(r.max_staleness in (0, 1), "rollout.max_staleness",
+         f"must be 0 (synchronous) or 1 (generate step k+1 while step k trains), got {r.max_staleness!r}")
+    need(cfg.loss.importance_cap >= 1, "loss.importance_cap",
+         f"must be >= 1 (on-policy tokens keep weight 1), got {cfg.loss.importance_cap!r}")
+    if r.max_staleness == 0:
+        return
+    need(r.placement == "dedicated", "rollout.max_staleness",
+         "1 needs rollout.placement dedicated: colocated engines share the trainer's devices and sleep while the "
+         "policy trains, so there is nothing to overlap; use rollout.max_staleness 0 there")
+    need(cfg.algorithm != "oreal" or r.temperature == 1, "rollout.max_staleness",
+         f"1 with OREAL needs rollout.temperature 1 (got {r.temperature}): the importance weight compares the "
+         "engine's log-probs with the loss's, which are read at temperature 1")
+    need(cfg.algorithm == "oreal" or cfg.ppo.old_logprobs == "engine", "rollout.max_staleness",
+         f"1 with --algorithm {cfg.algorithm} needs --ppo.old_logprobs engine: a recomputation would give the "
+         "log-probs of the current weights, not of the older weights that sampled the step's data")
 
 
 def _validate_ppo(cfg: Config, need) -> None:
@@ -335,10 +493,27 @@ def _validate_ppo(cfg: Config, need) -> None:
     need(p.reward_correct > p.reward_wrong, "ppo.reward_correct",
          f"must exceed ppo.reward_wrong ({p.reward_wrong}), got {p.reward_correct}")
     need(p.group_norm_eps > 0, "ppo.group_norm_eps", "must be > 0")
+    need(p.loss_temperature >= 0, "ppo.loss_temperature", "must be >= 0 (0: the sampling temperature)")
+    if p.old_logprobs == "engine":  # the engine's log-probs are of the distribution it sampled from
+        r = cfg.rollout
+        need(r.top_p == 1 and r.top_k == 0 and p.loss_temperature in (0, r.temperature), "ppo.old_logprobs",
+             "'engine' needs the loss to read the distribution the engine sampled: rollout.top_p 1, rollout.top_k 0 "
+             "and ppo.loss_temperature 0 (the sampling temperature)")
     need(c.value_clip > 0, "critic.value_clip", "must be > 0")
     need(0 < c.gamma <= 1, "critic.gamma", f"must be in (0, 1], got {c.gamma}")
     need(0 <= c.lam <= 1, "critic.lam", f"must be in [0, 1], got {c.lam}")
     need(c.kl_reward_coef >= 0, "critic.kl_reward_coef", "must be >= 0")
+
+
+VERIFIER_HOSTS_ENV = "OREAL_VERIFIER_HOSTS"
+
+
+def verifier_hosts_from_env() -> list[str]:
+    """The LLM verifier's hosts from `OREAL_VERIFIER_HOSTS` ("host:port,host:port"), for the recipe configs;
+    `--judge.verifier_hosts` on the command line overrides them."""
+    import os
+
+    return [h.strip() for h in os.environ.get(VERIFIER_HOSTS_ENV, "").split(",") if h.strip()]
 
 
 def needs_reference(cfg: Config) -> bool:
@@ -384,9 +559,17 @@ def _unknown_option(cfg: Config, path: str) -> ConfigError:
     if path in sections:
         example = next(p for p in valid if p.startswith(path + "."))
         return ConfigError(f"--{path} is a section, not an option; set one of its options, e.g. --{example}")
-    shorthands = ["steps", "output-dir", "resume", "config", "print-config"]
-    close = difflib.get_close_matches(path, valid + shorthands, n=1, cutoff=0.0)
-    hint = f"; did you mean --{close[0]}?" if close else ""
+    shorthands = ["steps", "output-dir", "resume", "overwrite", "config", "print-config"]
+    # The name in another section, or its section left out (--timeout_s: --rollout.timeout_s or
+    # --judge.timeout_s); else the nearest whole name; else near names in any section. Never a far one.
+    leaf = path.rsplit(".", 1)[-1]
+    same_leaf = [p for p in valid if p.rsplit(".", 1)[-1] == leaf][:3]
+    close = [] if "." not in path else difflib.get_close_matches(path, valid + shorthands, n=1, cutoff=0.75)
+    close = close or same_leaf or difflib.get_close_matches(path, valid + shorthands, n=1, cutoff=0.75)
+    if not close:
+        near = set(difflib.get_close_matches(leaf, sorted({p.rsplit(".", 1)[-1] for p in valid}), n=2, cutoff=0.8))
+        close = [p for p in valid if p.rsplit(".", 1)[-1] in near][:3]
+    hint = f"; did you mean {' or '.join('--' + c for c in close)}?" if close else " (--print-config lists every option)"
     return ConfigError(f"unknown option --{path}{hint}")
 
 
@@ -454,6 +637,8 @@ def convert(text: str, annotation: Any) -> Any:
         return int(text.strip())
     if annotation is float:
         value = float(text.strip())
+        if value != value or abs(value) == float("inf"):
+            raise ValueError("not a finite number")
         return value
     if annotation is str:
         return text
@@ -567,6 +752,10 @@ def parse_args(argv: list[str]) -> CommandLine:
         has_next = i + 1 < len(rest) and not rest[i + 1].startswith("--")  # a value starting "--" needs "="
         if name == "--print-config":
             print_config = True
+            i += 1
+            continue
+        if name == "--overwrite" and not has_value and not has_next:
+            cfg.overwrite = True
             i += 1
             continue
         if name == "--resume":

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import datetime
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     else:
         torch_device = torch.device("cpu")
         backend = "gloo"
+        from oreal.runtime.budget import rank_threads
+
+        torch.set_num_threads(rank_threads())  # torchrun's default is 1 whatever the machine; share its cores
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     mesh = init_device_mesh(torch_device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
@@ -96,3 +100,42 @@ def all_reduce_sum(values: list[float] | torch.Tensor, ctx: DistContext) -> torc
     if ctx.world_size > 1:
         dist.all_reduce(tensor)
     return tensor
+
+
+@contextmanager
+def gathered_within_step(module: nn.Module, enabled: bool):
+    """Around one update's micro-batches: FSDP2 gathers each block's parameters once, not twice per micro-batch.
+
+    Yields `before(last)`, to call before each micro-batch's forward. When `enabled`, parameters gathered
+    by the first forward stay gathered through every forward and backward of the update
+    (`reshard_after_forward` and `reshard_after_backward` off), gradients accumulate unreduced, and the
+    last micro-batch's backward reduce-scatters them once; on exit everything is resharded, so outside
+    the block the module is exactly as FSDP2 left it. Costs the whole model's parameters and gradients in
+    memory for the duration: `oreal.runtime.budget.keep_unsharded` decides when that is small. Every rank
+    must pass the same `enabled` and call `before` as often (the packing gives every rank as many
+    micro-batches).
+    """
+    if not enabled or not isinstance(module, FSDPModule):
+        yield lambda last: None
+        return
+
+    def before(last: bool) -> None:
+        module.set_requires_gradient_sync(last)
+        module.set_reshard_after_backward(last)
+
+    # FSDP2 keeps the root's parameters gathered after its forward (its own heuristic) and reshards the blocks':
+    # remember each unit's setting, so that leaving restores exactly that.
+    states = [m._get_fsdp_state() for m in module.modules() if isinstance(m, FSDPModule)]
+    saved = [(state, state._auto_reshard_after_forward,
+              [(group, group.post_forward_mesh_info) for group in state._fsdp_param_groups]) for state in states]
+    module.set_reshard_after_forward(False)
+    try:
+        yield before
+    finally:
+        module.set_requires_gradient_sync(True)
+        module.set_reshard_after_backward(True)
+        for state, auto, groups in saved:
+            state._auto_reshard_after_forward = auto
+            for group, info in groups:
+                group.post_forward_mesh_info = info
+        module.reshard()

@@ -141,6 +141,17 @@ def test_a_later_bad_line_is_reported_with_its_number(tmp_path):
         read_prompt_file(path)
 
 
+def test_a_line_that_is_not_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = '{"problem": "p", "answer": "1"}\n'.encode()
+    path.write_bytes(good + '{"problem": "Caf\u00e9", "answer": "2"}\n'.encode("latin-1") + good)
+    with pytest.raises(PromptFormatError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at byte 17 "):
+        read_prompt_file(path)
+    # a UTF-8 byte-order mark at the start of the file is not an error
+    path.write_bytes(b"\xef\xbb\xbf" + good)
+    assert [e.gold_answer for e in read_prompt_file(path)] == ["1"]
+
+
 def test_undetectable_unknown_empty_and_missing_files(tmp_path):
     with pytest.raises(PromptFormatError, match=r":1: cannot tell the format from keys \['text'\]"):
         read_prompt_file(write(tmp_path, ['{"text": "hello"}']))

@@ -141,3 +141,12 @@ def test_demo_smoke_run(tmp_path):
     assert styles["pass@1"] == saved["sft_pass1"] and styles["responses"] == 8
     assert 0.0 <= styles["bare_share"] <= 1.0
     assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_a_rerun_of_the_demo_overwrites_its_rl_runs_knowingly(tmp_path):
+    from oreal.demo.pipeline import rl_args
+
+    args = rl_args(DEMO_CONFIG, tmp_path, "oreal", {"rl": "rl.jsonl", "heldout": "heldout.jsonl"}, 0,
+                   tmp_path / "sft" / "hf", [])
+    cfg = parse_args(args).config
+    assert cfg.overwrite is True and not cfg.resume and cfg.output_dir == str(tmp_path / "oreal")

@@ -5,13 +5,15 @@ import pytest
 import torch
 
 import oreal
-from loss_cases import relative_error, scalar_relative_error
+from loss_cases import relative_error
 from oreal.ops.policy_loss import token_scales
 from oreal_kernels import linear_policy_loss
 from oreal_kernels.linear_logprob import ClippedSurrogate, surrogate_gradient_scale
 from policy_cases import CASES as COMMON_CASES
-from policy_cases import (PolicyCase, assert_internal_op_chunks_and_no_grad, assert_matches_reference,
-                          assert_no_action_token_gives_zeros, fresh_seed, make_policy_case, run_fused, run_reference)
+from policy_cases import (LOW_PRECISION_CASES, assert_internal_op_chunks_and_no_grad,
+                          assert_low_precision_within_twice_plain, assert_matches_reference,
+                          assert_no_action_token_gives_zeros, fresh_seed, make_policy_case, plain_torch_policy_loss,
+                          run_fused, run_reference)
 
 CASES = {**COMMON_CASES,
          "odd_vocab_two_token_blocks": dict(seq_lens=[40, 9, 30], hidden_size=33, vocab_size=1531, per_token=True,
@@ -61,47 +63,10 @@ def test_bad_per_token_inputs_are_refused():
 
 # ---- bf16 / fp16: no worse than what a user writes in plain torch in that dtype ----
 
-def plain_torch_policy_loss(case: PolicyCase, dtype):
-    """Logits, softmax, ratios and the loss in `dtype`, autograd for the gradients."""
-    hidden, weight, labels, cu_seqlens, advantages, old, ref = case.args(dtype)
-    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
-    options = case.options
-    log_probs = torch.log_softmax(hidden @ weight.T / options.get("temperature", 1.0), -1)
-    lp = log_probs.gather(1, labels.clamp(min=0)[:, None])[:, 0]
-    seq = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), (cu_seqlens[1:] - cu_seqlens[:-1]).long())
-    adv = (advantages if len(advantages) == len(labels) else advantages[seq]).to(dtype)
-    ratio = torch.exp(lp - old.to(dtype))
-    clipped = ratio.clamp(1 - options.get("clip_low", 0.2), 1 + options.get("clip_high", 0.2))
-    term = -torch.minimum(ratio * adv, clipped * adv)
-    if ref is not None:
-        d = ref.to(dtype) - lp
-        term = term + options["kl_coef"] * (torch.exp(d) - d - 1)
-    scale = token_scales(labels, cu_seqlens, options.get("loss_agg", "token"), options.get("num_tokens"))
-    loss = torch.where(labels != -100, term * scale.to(dtype), 0).sum()
-    return (loss.detach(), *torch.autograd.grad(loss, (hidden, weight)))
-
-
-LOW_PRECISION_CASES = {
-    "token_kl": dict(seq_lens=[30, 17, 40], hidden_size=64, vocab_size=515, per_token=True),
-    "sequence_odd_vocab_temperature": dict(seq_lens=[33, 1, 20], hidden_size=48, vocab_size=1531,
-                                           loss_agg="sequence", temperature=0.7, clip_high=0.28),
-}
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", sorted(LOW_PRECISION_CASES))
 def test_low_precision_no_worse_than_plain_torch(dtype, name):
-    case = make_policy_case(seed=fresh_seed(), round_to=dtype, **LOW_PRECISION_CASES[name])
-    out, (grad_hidden, grad_weight) = run_fused(case, "triton", dtype)
-    (loss, *_), (ref_gh, ref_gw) = run_reference(case, dtype)
-    plain_loss, plain_gh, plain_gw = plain_torch_policy_loss(case, dtype)
-    assert grad_hidden.dtype == dtype and grad_weight.dtype == dtype
-    errors = {"loss": scalar_relative_error(out.loss, loss), "loss_plain": scalar_relative_error(plain_loss, loss),
-              "grad_hidden": relative_error(grad_hidden, ref_gh), "grad_hidden_plain": relative_error(plain_gh, ref_gh),
-              "grad_weight": relative_error(grad_weight, ref_gw), "grad_weight_plain": relative_error(plain_gw, ref_gw)}
-    print(name, dtype, {k: f"{v:.2e}" for k, v in errors.items()})
-    for key in ("loss", "grad_hidden", "grad_weight"):
-        assert errors[key] <= 2 * errors[key + "_plain"] + 1e-6, errors
+    assert_low_precision_within_twice_plain(name, "triton", dtype, fresh_seed())
 
 
 def test_fp16_gradients_survive_tiny_token_scales_under_loss_scaling():

@@ -120,7 +120,7 @@ def test_padding_batch_runs_a_forward(qwen2):
 
 
 def test_plain_forward_with_padding_still_works(qwen2):
-    """Outside forward_hidden the oreal_sdpa model behaves as transformers' SDPA, padding masks included."""
+    """Outside forward_hidden the packed-SDPA model behaves as transformers' SDPA, padding masks included."""
     ids = torch.randint(0, VOCAB, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding
@@ -135,84 +135,6 @@ def test_plain_forward_with_padding_still_works(qwen2):
     torch.testing.assert_close(ours[1, 4:], eager[1, 4:], rtol=1e-5, atol=1e-5)
     out = qwen2.generate(input_ids=ids[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 9)
-
-
-# --- backends --------------------------------------------------------------------------------
-
-
-def test_backend_resolution_on_cpu():
-    from oreal.model import available_backends, resolve_backend
-
-    assert resolve_backend("auto", "cpu") == "sdpa" and resolve_backend("sdpa", "cpu") == "sdpa"
-    reasons = available_backends("cpu")
-    assert reasons["sdpa"] is None and "CUDA" in reasons["flash_attn"] and "CUDA" in reasons["xformers"]
-    with pytest.raises(ValueError, match=r"'flash_attn' is not available: flash_attn runs on CUDA devices only"):
-        resolve_backend("flash_attn", "cpu")
-    with pytest.raises(ValueError, match=r"'xformers' is not available: xformers runs on CUDA devices only"):
-        load_causal_lm(tiny_qwen2_config(VOCAB), attn_backend="xformers")
-    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
-        resolve_backend("flash", "cpu")
-
-
-def test_backend_missing_package_is_named(monkeypatch):
-    import importlib.util
-
-    from oreal.model import attention
-
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("flash_attn", "xformers") else real_find_spec(name, *a))
-    reasons = attention.available_backends("cuda")
-    assert "flash_attn is not installed (pip install flash-attn" in reasons["flash_attn"]
-    assert "xformers is not installed (pip install xformers" in reasons["xformers"]
-
-
-def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=True):
-    """flash_attn_varlen_func's contract, computed per sequence with plain torch ([T, H, D] in and out)."""
-    assert causal and dropout_p == 0.0 and torch.equal(cu_q, cu_k) and cu_q.dtype == torch.int32
-    group = q.shape[1] // k.shape[1]
-    out = []
-    for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
-        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))
-        ks, vs = ks.repeat_interleave(group, 0), vs.repeat_interleave(group, 0)
-        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True,
-                                                                    scale=softmax_scale).transpose(0, 1))
-    assert max(end - start for start, end in zip(cu_q[:-1].tolist(), cu_q[1:].tolist())) == max_q
-    return torch.cat(out)
-
-
-def reference_xformers(q, k, v, seq_lens, p, scale):
-    """The xformers kernel's contract: BMGHK tensors [1, T, G, Hg, D], block-diagonal causal."""
-    assert p == 0.0 and q.shape[:3] == k.shape[:3] and k.stride(3) == 0  # kv heads broadcast, not copied
-    num_tokens, groups, per_group, dim = q.shape[1:]
-    flat = lambda x: x[0].reshape(num_tokens, groups * per_group, x.shape[-1])
-    cu = torch.tensor([0, *np.cumsum(seq_lens)], dtype=torch.int32)
-    out = reference_varlen(flat(q), flat(k), flat(v), cu, cu, max(seq_lens), max(seq_lens), softmax_scale=scale)
-    return out.reshape(1, num_tokens, groups, per_group, dim)
-
-
-@pytest.mark.parametrize("backend", ["flash_attn", "xformers"])
-def test_cuda_backend_adapters_with_reference_kernels(monkeypatch, backend):
-    """The flash-attn and xformers adapters (layout, GQA head order, scale, cu_seqlens) checked against the
-    SDPA backend, with the CUDA kernels replaced by torch references of the same call contract. The
-    kernels themselves need a GPU and are not run here."""
-    from oreal.model import attention
-
-    monkeypatch.setattr(attention, "_flash_kernel", lambda: reference_varlen)
-    monkeypatch.setattr(attention, "_xformers_kernel", lambda: reference_xformers)
-    seq_lens = (1, 17, 5, 33)
-    meta = attention.VarlenMetadata(torch.tensor([0, *np.cumsum(seq_lens)], dtype=torch.int32), 33, seq_lens)
-    q = torch.randn(1, 6, sum(seq_lens), 8, dtype=torch.float64)
-    k, v = torch.randn(2, 1, 2, sum(seq_lens), 8, dtype=torch.float64)
-    expected, _ = attention.sdpa_varlen_attention(None, q, k, v, None, scaling=0.3, oreal_varlen=meta)
-    function = attention.ATTENTION_FUNCTIONS[backend]
-    got, _ = function(None, q, k, v, None, scaling=0.3, oreal_varlen=meta)
-    assert got.shape == (1, sum(seq_lens), 6, 8)
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-    # and the SDPA backend itself against the per-sequence reference
-    flat = lambda x: x[0].transpose(0, 1)
-    torch.testing.assert_close(expected[0], reference_varlen(flat(q), flat(k), flat(v), meta.cu_seqlens,
-                                                             meta.cu_seqlens, 33, 33, softmax_scale=0.3))
 
 
 # --- loading and errors ----------------------------------------------------------------------
@@ -235,7 +157,7 @@ def test_forward_hidden_errors(qwen2):
 def test_load_from_a_local_directory(tmp_path, qwen2):
     qwen2.save_pretrained(tmp_path)
     loaded = load_causal_lm(tmp_path, dtype="float32")
-    assert loaded.config._attn_implementation == "oreal_sdpa" and loaded.dtype == torch.float32
+    assert loaded.config._attn_implementation == "oreal_sdpa_varlen" and loaded.dtype == torch.float32
     batch = one_batch(make_rollouts(6, [9, 30]))
     with torch.no_grad():
         torch.testing.assert_close(forward_hidden(loaded, batch), forward_hidden(qwen2, batch))

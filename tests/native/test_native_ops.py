@@ -135,3 +135,23 @@ def test_unavailable_reason_names_the_device():
     assert "meta" in native.unavailable_reason(torch.device("meta"))
     if not native._C.with_cuda:
         assert "without CUDA" in native.unavailable_reason(torch.device("cuda"))
+
+
+def test_stored_gradient_bits_round_like_torch():
+    """csrc/grad_store.h's host conversions (the CPU kernel's 16-bit store; the CUDA kernel uses the
+    intrinsics) round to nearest even exactly as torch does, subnormals, overflow and ties included."""
+    from oreal import _C
+
+    g = torch.Generator().manual_seed(torch.randint(0, 2**31 - 1, ()).item())
+    magnitudes = 10.0 ** torch.randint(-10, 6, (6000,), generator=g).float()
+    values = torch.randn(6000, generator=g) * magnitudes
+    special = [0.0, -0.0, 1.0, -2.5, 65504.0, 65519.0, 65520.0, 65536.0, 1e30, -1e30, float("inf"), float("-inf"),
+               2.0 ** -24, 2.0 ** -25, 1.5 * 2.0 ** -25, 2.0 ** -26, 2.0 ** -14, 2.0 ** -14 * (1 - 2.0 ** -11),
+               3 * 2.0 ** -25, 1e-40, 1.00390625, 1.01171875, 3.4e38]
+    values = torch.cat([values, torch.tensor(special), -torch.tensor(special)])
+    for half, dtype in ((False, torch.bfloat16), (True, torch.float16)):
+        bits = torch.tensor(_C.lowp_store_bits(values.tolist(), half), dtype=torch.int32)
+        expected = values.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+        assert torch.equal(bits, expected), (dtype, values[bits != expected][:5])
+    nan_bits = _C.lowp_store_bits([float("nan")] * 5, True) + _C.lowp_store_bits([float("nan")] * 5, False)
+    assert torch.tensor([b & 0x7FFF for b in nan_bits]).gt(0x7C00).all()

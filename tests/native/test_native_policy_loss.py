@@ -8,7 +8,8 @@ from loss_cases import relative_error
 from oreal.ops import native
 from oreal.ops.policy_loss import token_scales
 from policy_cases import CASES as COMMON_CASES
-from policy_cases import (assert_internal_op_chunks_and_no_grad, assert_matches_reference,
+from policy_cases import (LOW_PRECISION_CASES, assert_internal_op_chunks_and_no_grad,
+                          assert_low_precision_within_twice_plain, assert_matches_reference,
                           assert_no_action_token_gives_zeros, fresh_seed, make_policy_case)
 
 _REASON = native.unavailable_reason(torch.device("cpu"))
@@ -72,3 +73,9 @@ def test_bad_per_token_input_is_refused():
     with pytest.raises(RuntimeError, match="old_logprobs must have 8 entries"):
         native.linear_policy_loss(case.hidden, case.weight, case.labels, case.advantages, case.old_logprobs[:5],
                                   scale, None, scale, 0.2, 0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", sorted(LOW_PRECISION_CASES))
+def test_low_precision_no_worse_than_plain_torch(dtype, name):
+    assert_low_precision_within_twice_plain(name, "native", dtype, fresh_seed())

@@ -175,7 +175,7 @@ def test_value_model_reads_the_state_before_each_action():
     assert torch.count_nonzero(critic(batch)) == 0  # zero-initialised value head
     assert not hasattr(critic.lm.lm_head, "weight")  # the vocabulary projection is dropped
     torch.nn.init.normal_(critic.score_head.weight)
-    torch.nn.init.normal_(critic.score_head.bias)
+    assert critic.score_head.bias is None  # OpenRLHF's value head has no bias
     values = critic(batch)
     action = batch.labels != -100
     raw = critic.score_head(forward_hidden(critic.lm, batch)).squeeze(-1)
@@ -234,9 +234,10 @@ def make_trainer(*, minibatches=3, epochs=2, early_stop_ratio=0.0, statistic="me
         ref_policy = ReferencePolicy(tiny_lm(seed=3), backend="torch")
     parts = SimpleNamespace(ctx=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), is_main=True),
                             tokenizer=SimpleNamespace(pad_token_id=0), policy=policy, reference=ref_policy,
-                            policy_optim=torch.optim.AdamW(policy.parameters(), lr=lr), object_group=None)
+                            policy_optim=torch.optim.AdamW(policy.parameters(), lr=lr), policy_sched=None,
+                            object_group=None)
     trainer = ClippedUpdateTrainer(cfg, parts, checkpoints=None)
-    trainer.gather_samples = lambda local: list(local)  # one rank: every sample is local
+    trainer.gather_per_rank = lambda local: [list(local)]  # one rank: every sample is local
     return trainer
 
 
@@ -372,8 +373,9 @@ def test_rlinf_grpo_recipe_numbers():
     for cfg in (small, large):
         assert cfg.algorithm == "grpo" and cfg.data.prompts_per_step == 512 and cfg.data.format == "areal"
         assert (cfg.ppo.reward_correct, cfg.ppo.reward_wrong) == (5.0, -5.0)
-        assert (cfg.ppo.clip_low, cfg.ppo.clip_high, cfg.ppo.loss_agg, cfg.ppo.kl_coef) == (0.2, 0.2, "token", 0.0)
+        assert (cfg.ppo.clip_low, cfg.ppo.clip_high, cfg.ppo.kl_coef) == (0.2, 0.2, 0.0)
         assert (cfg.ppo.minibatches, cfg.ppo.epochs, cfg.ppo.early_stop_ratio) == (4, 1, 5.0)
+        assert cfg.ppo.early_stop_scope == "micro_batch" and cfg.ppo.whiten_advantages  # normalize_advantages
         assert cfg.rollout.max_total_tokens == 28672 and cfg.data.max_prompt_tokens == 1024
         assert cfg.rollout.max_new_tokens == 28672 - 1024 and (cfg.rollout.temperature, cfg.rollout.top_p) == (1, 1)
         o = cfg.policy_optim
@@ -381,6 +383,9 @@ def test_rlinf_grpo_recipe_numbers():
         assert not needs_reference(cfg)
     assert "1.5B" in small.model.path and small.data.samples_per_prompt == 16 and small.policy_optim.grad_clip == 0.8
     assert "7B" in large.model.path and large.data.samples_per_prompt == 32 and large.policy_optim.grad_clip == 1.0
+    # use_valid_token_scale False / True, recompute_logprobs True / False, shuffle_rollout False / True
+    assert (small.ppo.loss_agg, small.ppo.old_logprobs, small.ppo.shuffle) == ("sequence", "recompute", False)
+    assert (large.ppo.loss_agg, large.ppo.old_logprobs, large.ppo.shuffle) == ("step_token", "engine", True)
 
 
 def test_simplerl_zero_ppo_recipe_numbers():
@@ -389,6 +394,12 @@ def test_simplerl_zero_ppo_recipe_numbers():
     assert (cfg.data.prompts_per_step, cfg.data.samples_per_prompt, cfg.ppo.minibatches) == (1024, 8, 64)
     assert cfg.data.prompts_per_step * cfg.data.samples_per_prompt // cfg.ppo.minibatches == 128  # train_batch_size
     assert (cfg.policy_optim.lr, cfg.critic_optim.lr) == (5e-7, 9e-6)
+    for o in (cfg.policy_optim, cfg.critic_optim):
+        assert (o.betas, o.min_lr / o.lr, o.warmup_ratio, o.warmup_from_zero, o.schedule_unit) == \
+            ((0.9, 0.95), pytest.approx(0.1), 0.03, True, "update")
+    assert (cfg.ppo.reward_rule, cfg.ppo.reward_correct, cfg.ppo.reward_wrong, cfg.ppo.reward_unboxed) == \
+        ("boxed", 1.0, -0.5, -1.0)
+    assert (cfg.ppo.loss_temperature, cfg.ppo.loss_agg, cfg.critic.loss_agg) == (1.0, "sequence", "sequence")
     assert (cfg.critic.kl_reward_coef, cfg.critic.gamma, cfg.critic.lam, cfg.critic.value_clip) == (0.01, 1.0, 0.95, 0.2)
     assert (cfg.rollout.temperature, cfg.rollout.max_new_tokens, cfg.data.max_prompt_tokens) == (0.6, 3000, 1024)
     assert cfg.ppo.epochs == 1 and cfg.ppo.early_stop_ratio == 0 and needs_reference(cfg)
@@ -417,7 +428,10 @@ def test_ppo_advantages_over_all_micro_batches():
     trainer = PPOTrainer(cfg, parts, checkpoints=None)
     minibatches = []
     for _ in range(2):
-        batches, _ = pack_rollouts(random_rollouts(rng, 9, empty_every=5), max_tokens=30)
+        rollouts = random_rollouts(rng, 9, empty_every=5)
+        for r in rollouts:  # PPO's samples carry their outcome reward in `advantage` until GAE
+            r.advantage = 1.0 if r.is_positive else -0.5
+        batches, _ = pack_rollouts(rollouts, max_tokens=30)
         for b in batches:
             b.old_logprobs, b.ref_logprobs = -torch.rand(b.num_tokens) * 3, -torch.rand(b.num_tokens) * 3
             b.extras["old_values"] = torch.where(b.labels != -100, torch.randn(b.num_tokens), 0.0)

@@ -1,7 +1,10 @@
 """oreal-judge: JSONL in, JSONL out, malformed lines reported with file:line, summary on stderr."""
 
+import importlib
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -54,7 +57,7 @@ def test_fail_mode_stops_and_writes_nothing(tmp_path, capsys):
     assert main(["--input", str(src), "--output", str(out), "--on-malformed", "fail", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"{src}:4: field 'gold' must be text or a number" in err
-    assert not out.exists() and not list(tmp_path.glob(".out.jsonl.*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no output, no partial file
 
 
 def test_custom_fields_and_summary_json(tmp_path, capsys):
@@ -88,5 +91,93 @@ def test_console_script_with_progress_bar(tmp_path):
     assert len(out.read_text().splitlines()) == 5
 
 
-def test_module_entry_point_exists():
-    assert callable(main) and sys.modules["oreal.reward.cli"].main is main
+def test_module_entry_point_judges(tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(src, [json.dumps(r) for r in rows_for(2)])
+    proc = subprocess.run([sys.executable, "-m", "oreal.reward.cli", "--input", str(src), "--output", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["judge"]["correct"] for line in out.read_text().splitlines()] == [False, True]
+
+
+def test_a_line_that_is_not_utf8_is_malformed(tmp_path, capsys):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [json.dumps(r).encode() + b"\n" for r in rows_for(3)]
+    latin1 = json.dumps({"id": 9, "response": "Caf\u00e9 \\boxed{2}", "gold": "2"}, ensure_ascii=False)
+    src.write_bytes(rows[0] + latin1.encode("latin-1") + b"\n" + rows[1] + rows[2])
+    assert main(["--input", str(src), "--output", str(out), "--no-progress", "--workers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"{src}:2: not UTF-8 text (byte 0xe9 at byte 27)" in err and "1 malformed lines skipped" in err
+    text = out.read_text(encoding="utf-8")
+    assert "\ufffd" not in text and [json.loads(line)["id"] for line in text.splitlines()] == [0, 1, 2]
+    assert main(["--input", str(src), "--output", str(tmp_path / "o2.jsonl"), "--no-progress",
+                 "--on-malformed", "fail"]) == 2
+
+
+def test_output_gets_the_usual_permissions(tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(src, [json.dumps(r) for r in rows_for(2)])
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert main(["--input", str(src), "--output", str(out), "--no-progress", "--workers", "1"]) == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+def _interrupt_at_call(monkeypatch, n):
+    """judge_batch raises KeyboardInterrupt (Ctrl-C) at its n-th call; returns the rows each call got."""
+    judge_module = importlib.import_module("oreal.reward.judge")  # (oreal.reward.judge is also the function)
+    real, calls = judge_module.judge_batch, []
+
+    def judge_batch(responses, golds, **kwargs):
+        calls.append(len(responses))
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(responses, golds, **kwargs)
+
+    monkeypatch.setattr(judge_module, "judge_batch", judge_batch)
+    return calls
+
+
+def test_ctrl_c_keeps_judged_rows_and_resume_judges_only_the_rest(tmp_path, capsys, monkeypatch):
+    rows = rows_for(9)
+    src, out, straight = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "straight.jsonl"
+    write_lines(src, [json.dumps(r) for r in rows[:4]] + ["{bad"] + [json.dumps(r) for r in rows[4:]])
+    common = ["--input", str(src), "--no-progress", "--workers", "1", "--chunk-size", "2"]
+    assert main(common + ["--output", str(straight)]) == 0
+    capsys.readouterr()
+
+    calls = _interrupt_at_call(monkeypatch, 3)
+    assert main(common + ["--output", str(out)]) == 130
+    partial = tmp_path / "out.jsonl.partial"
+    assert "the 4 rows judged so far are kept in" in capsys.readouterr().err
+    assert not out.exists() and partial.read_text() == "".join(straight.read_text().splitlines(True)[:4])
+    # a crash tore the last line: it is cut off and judged again
+    with open(partial, "a") as f:
+        f.write('{"id": 4, "response": "so $\\boxed{')
+
+    # a fresh run would overwrite the judged rows: refused
+    assert main(common + ["--output", str(out)]) == 2
+    assert "pass --resume" in capsys.readouterr().err and partial.exists()
+
+    monkeypatch.undo()
+    calls = _interrupt_at_call(monkeypatch, 0)
+    assert main(common + ["--output", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert calls == [2, 2, 1] and "9 rows judged, 1 malformed lines skipped (4 kept from the interrupted run)" in err
+    assert out.read_text() == straight.read_text() and not partial.exists()
+
+
+def test_resume_refuses_an_input_that_changed(tmp_path, capsys, monkeypatch):
+    rows = rows_for(6)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_lines(src, [json.dumps(r) for r in rows])
+    _interrupt_at_call(monkeypatch, 2)
+    common = ["--input", str(src), "--output", str(out), "--no-progress", "--workers", "1", "--chunk-size", "3"]
+    assert main(common) == 130
+    judged = (tmp_path / "out.jsonl.partial").read_text()
+    rows[1]["gold"] = "999"
+    write_lines(src, [json.dumps(r) for r in rows])
+    monkeypatch.undo()
+    assert main(common + ["--resume"]) == 2
+    assert f"{src}:2: differs from row 2 of" in capsys.readouterr().err
+    assert (tmp_path / "out.jsonl.partial").read_text() == judged  # nothing judged was lost

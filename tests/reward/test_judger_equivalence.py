@@ -1,6 +1,5 @@
 """is_equivalent: one test per policy in equivalence.py's docstring, plus fresh random values."""
 
-import math
 import random
 from fractions import Fraction
 
@@ -150,11 +149,45 @@ def test_random_thousands_separators():
         assert not is_equivalent(f"{n:,}", str(n + 1))
 
 
-def test_decimal_policy_needs_two_significant_digits():
-    assert is_equivalent("0.33", "1/3")
-    assert is_equivalent("2.6667", r"\frac{8}{3}")
-    assert is_equivalent("2.6666", r"\frac{8}{3}")  # truncated
-    assert not is_equivalent("2.6668", r"\frac{8}{3}")
+def test_decimal_policy_default_is_the_seeds_relative_tolerance():
+    # Qwen-style math_equal (the rule judger of OREAL and SimpleRL-Zero): isclose(rel_tol=1e-4).
+    # |2.6667 - 8/3| / (8/3) = 1.25e-5 and |2.6668 - 8/3| / (8/3) = 5e-5: both match;
+    # |0.33 - 1/3| / (1/3) = 1e-2 and |3.14 - pi| / pi = 5.1e-4: coarse roundings of exact answers are wrong.
+    assert is_equivalent("2.6667", r"\frac{8}{3}") and is_equivalent("2.6668", "8/3")
+    assert is_equivalent("1.4142", r"\sqrt{2}") and is_equivalent("3.1416", r"\pi")
+    assert not is_equivalent("0.33", "1/3") and not is_equivalent("0.33", r"\frac{1}{3}")
+    assert not is_equivalent("3.14", r"\pi") and not is_equivalent("1.41", r"\sqrt 2")
+    assert not is_equivalent("5.0001", "5")  # against a terminating value a decimal must be exact
     assert is_equivalent("4.123105625617661", r"\sqrt{17}")
-    assert is_equivalent("3.1416", r"\pi") and not is_equivalent("3.1417", r"\pi")
-    assert math.isclose(float(Fraction(1, 3)), 0.3333333333333333)
+    assert compare("0.33", "1/3").reason == "different"
+
+
+def test_decimal_policy_rounding_is_the_lenient_option():
+    lenient = {"decimal_policy": "rounding"}
+    assert is_equivalent("0.33", "1/3", **lenient) and is_equivalent("3.14", r"\pi", **lenient)
+    assert is_equivalent("2.6666", r"\frac{8}{3}", **lenient)  # truncated
+    assert not is_equivalent("2.6668", r"\frac{8}{3}", **lenient)
+    assert not is_equivalent("0.3", "1/3", **lenient)  # one significant digit
+    assert is_equivalent("3.1416", r"\pi", **lenient) and not is_equivalent("3.1417", r"\pi", **lenient)
+    with pytest.raises(ValueError, match="decimal_policy"):
+        compare("1", "1", decimal_policy="loose")
+
+
+def test_random_decimals_against_the_relative_rule_on_both_paths():
+    # A decimal d of a non-terminating value v matches iff |d - v| <= 1e-4 * max(|d|, |v|); written as a plain
+    # fraction the pair takes the inline fast path, as \frac the parser path: both must agree with the rule.
+    rng = random.Random(20261202)
+    for _ in range(120):
+        q = rng.choice([3, 7, 9, 11, 13, 21, 27, 37, 101])
+        p = rng.randint(1, 10**6)
+        if p % q == 0:
+            p += 1
+        v = Fraction(p, q)
+        if v.denominator in (1,) or all(f in (2, 5) for f in _prime_factors(v.denominator)):
+            continue
+        relative = rng.choice([3e-6, 2e-5, 6e-5, 2e-4, 5e-4, 3e-3])  # never near the 1e-4 edge
+        d = v * (1 + Fraction(relative) * rng.choice([-1, 1]))
+        written = f"{float(d):.12f}"
+        expected = relative < 1e-4
+        assert is_equivalent(written, f"{v.numerator}/{v.denominator}") == expected, (written, v)
+        assert is_equivalent(written, rf"\frac{{{v.numerator}}}{{{v.denominator}}}") == expected, (written, v)

@@ -123,3 +123,35 @@ def test_bad_arguments_are_reported():
     with pytest.raises(ValueError, match="num_workers"):
         JudgePool(num_workers=0)
     assert judge_batch([], []) == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e12, -1.0, 0, True, "2"])
+def test_a_bad_timeout_is_refused_and_leaves_every_later_call_working(bad):
+    with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+        judge(r"\boxed{\sqrt{4}}", "2", timeout=bad)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+        judge_batch([r"\boxed{\sqrt{4}}"], ["2"], timeout=bad)
+    # the process-wide workers are untouched: sympy still answers (not a fast-path verdict)
+    assert judge(r"\boxed{\sqrt{4}}", "2") == Judgement(True, r"\sqrt{4}", "equivalent")
+    assert judge_batch([r"\boxed{\sqrt{9}}", r"\boxed{\sqrt{9}}"], ["3", "4"]) == [
+        Judgement(True, r"\sqrt{9}", "equivalent"), Judgement(False, r"\sqrt{9}", "different")]
+
+
+def test_a_call_that_fails_half_way_leaves_no_worker_busy():
+    pool = JudgePool(num_workers=2)
+    seen = []
+
+    def progress_that_fails(n):
+        seen.append(n)
+        raise KeyboardInterrupt  # Ctrl-C while the other worker still holds its item
+
+    try:
+        pairs = [(r"\sqrt{4}", "2"), (HANGS[0][7:-1], HANGS[1])]
+        with pytest.raises(KeyboardInterrupt):
+            pool.compare_many(pairs, timeout=30, progress=progress_that_fails)
+        assert seen == [1] and all(w.task is None for w in pool._workers)
+        assert pool.compare(r"\sqrt{16}", "4", timeout=30) == (True, "equivalent")
+        assert pool.compare_many([(r"\sqrt{9}", "3"), (r"\sqrt{9}", "4")], timeout=30) == [
+            (True, "equivalent"), (False, "different")]
+    finally:
+        pool.close()

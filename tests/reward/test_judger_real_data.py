@@ -2,7 +2,7 @@
 
 import json
 
-from oreal.reward import is_equivalent, judge, judge_batch
+from oreal.reward import judge, judge_batch
 
 
 def _rows(path):
@@ -21,10 +21,11 @@ def test_math500_solutions_do_not_match_other_problems_answers(shared_data):
     rows = _rows(shared_data / "eval" / "math500.jsonl")
     pairs = [(r["solution"], rows[(i + 1) % len(rows)]["answer"]) for i, r in enumerate(rows[:120])]
     results = judge_batch([p for p, _ in pairs], [g for _, g in pairs])
-    # only where the two problems' answers agree (e.g. "5" and "x=5") may a solution match
-    agree = [is_equivalent(r["answer"], rows[(i + 1) % len(rows)]["answer"]) for i, r in enumerate(rows[:120])]
-    assert [j.correct for j in results] == agree
-    assert sum(agree) <= 3
+    # Only where the two problems' answers are the same may a solution match: read off the data by
+    # hand, that is pair 22 alone (test/algebra/1837.json answers "5", the next problem "x=5").
+    assert rows[22]["unique_id"] == "test/algebra/1837.json"
+    assert (rows[22]["answer"], rows[23]["answer"]) == ("5", "x=5")
+    assert [i for i, j in enumerate(results) if j.correct] == [22]
 
 
 def test_every_gsm8k_worked_answer_equals_its_final_answer(shared_data):

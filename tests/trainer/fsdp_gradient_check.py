@@ -39,10 +39,14 @@ class EchoEngine:
 
 
 def check_generation_routing(ctx, group) -> dict:
-    from oreal.rollout.generator import DistributedGenerator, GenerationError
+    from oreal.rollout.generator import DedicatedEngines, DistributedGenerator, GenerationError
+    from oreal.rollout.placement import dedicated_layout
 
     engine = EchoEngine() if ctx.rank == 0 else None
-    generator = DistributedGenerator(engine, None, rank=ctx.rank, world_size=ctx.world_size, group=group)
+    layout = dedicated_layout(1, ctx.world_size, ctx.world_size)
+    placement = DedicatedEngines({0: engine} if engine is not None else {}, layout, rank=ctx.rank,
+                                 world_size=ctx.world_size, group=group)
+    generator = DistributedGenerator(placement, None)
     prompts = [[100 * ctx.rank + i, 7] for i in range(2 + ctx.rank)]  # ranks ask for different counts
     def ids(out):
         return [[s.token_ids for s in group] for group in out]

@@ -198,3 +198,53 @@ def test_convert_optional_and_literals():
     cfg = Config()
     set_option(cfg, "rm_optim.lr", "3e-6")
     assert cfg.rm_optim.lr == 3e-6 and cfg.policy_optim.lr != 3e-6  # sections are separate objects
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("judge.timeout_s", "nan", "judge.timeout_s: expected float, got 'nan' \\(not a finite number\\)"),
+    ("rollout.timeout_s", "inf", "rollout.timeout_s: expected float, got 'inf'"),
+    ("judge.verifier_timeout_s", "-inf", "judge.verifier_timeout_s: expected float"),
+    ("judge.timeout_s", "0", "judge.timeout_s: must be > 0, got 0.0"),
+    ("rollout.timeout_s", "-5", "rollout.timeout_s: must be > 0, got -5.0"),
+    ("judge.verifier_timeout_s", "1e12", "judge.verifier_timeout_s: must be at most 604800 seconds"),
+    ("judge.num_workers", "-3", "judge.num_workers: must be >= 0, got -3"),
+    ("rollout.sync_bucket_mb", "0", "rollout.sync_bucket_mb: must be > 0"),
+    ("rollout.gpu_memory_utilization", "1.5", "rollout.gpu_memory_utilization: must be in \\(0, 1\\]"),
+    ("rollout.top_k", "-1", "rollout.top_k: must be >= 0"),
+    ("policy_optim.betas", "(0.9, nan)", "policy_optim.betas: expected"),
+])
+def test_every_number_is_checked_at_parse_time_naming_the_option(tmp_path, option, value, match):
+    with pytest.raises(ConfigError, match=f"^--{match}"):
+        parse(tmp_path, f"--{option}", value)
+
+
+def test_non_finite_numbers_from_a_config_file_are_refused(tmp_path):
+    path = tmp_path / "nan.py"
+    path.write_text(
+        "from oreal.runtime.config import Config, DataConfig, JudgeConfig, ModelConfig\n"
+        "def config():\n"
+        "    return Config(model=ModelConfig(path='m'), data=DataConfig(train_files=['p.jsonl']),\n"
+        "                  judge=JudgeConfig(verifier_timeout_s=float('nan')))\n")
+    with pytest.raises(ConfigError, match="^--judge.verifier_timeout_s: must be a finite number, got nan"):
+        parse_args(["--config", str(path)])
+
+
+@pytest.mark.parametrize("typo, expected", [
+    ("--judge.timeout", "did you mean --judge.timeout_s?"),
+    ("--timeout_s", "did you mean --rollout.timeout_s or --judge.timeout_s?"),
+    ("--data.num_workers", "did you mean --judge.num_workers?"),
+    ("--zzz.qqq", "unknown option --zzz.qqq (--print-config lists every option)"),
+    ("--verbose", "unknown option --verbose (--print-config lists every option)"),
+])
+def test_did_you_mean_suggests_close_names_only(tmp_path, typo, expected):
+    with pytest.raises(ConfigError) as info:
+        parse(tmp_path, typo, "1")
+    assert expected in str(info.value)
+
+
+def test_overwrite_flag(tmp_path):
+    assert parse(tmp_path, "--overwrite").overwrite is True
+    assert parse(tmp_path, "--overwrite", "--steps", "3").overwrite is True
+    assert parse(tmp_path).overwrite is False
+    with pytest.raises(ConfigError, match="^--overwrite: contradicts --resume"):
+        parse(tmp_path, "--resume", "--overwrite")

@@ -29,5 +29,6 @@ def test_distributed_gradient_is_the_global_gradient(tmp_path):
     assert r["worst_relative"] < 1e-4, r
     for rank, routing in enumerate(r["routing"]):
         assert routing["routed"], f"rank {rank} got samples of other prompts"
-        assert "rollout engine on trainer rank 0 failed" in routing["failure"] and "exit code 17" in routing["failure"]
+        assert "rollout engine 0 of 1" in routing["failure"] and "owned by trainer rank 0" in routing["failure"]
+        assert "exit code 17" in routing["failure"]
     assert r["routing"][0]["engine_calls"] == 3  # one engine call per request, whatever the number of ranks

@@ -284,23 +284,26 @@ def test_token_rm_scores_align_with_labels(tiny_lm_factory):
     from oreal.model import forward_hidden
     from oreal.algorithms.token_rm import TokenRewardModel
 
-    rm = TokenRewardModel(tiny_lm_factory())
+    rm = TokenRewardModel(tiny_lm_factory(), head_init="zero")
     batch = _batch()
     assert torch.count_nonzero(rm(batch)) == 0  # zero-initialised head
+    assert rm.score_head.bias is None  # OREAL's scalar head has no bias
     torch.nn.init.normal_(rm.score_head.weight)
     scores = rm(batch)
     raw = rm.score_head(forward_hidden(rm.lm, batch)).squeeze(-1)
     action = batch.labels != -100
     assert torch.equal(scores[~action], torch.zeros_like(scores[~action]))
     positions = action.nonzero().squeeze(-1)
-    torch.testing.assert_close(scores[positions], raw[positions + 1])  # the score of token labels[t] is read at t+1
+    torch.testing.assert_close(scores[positions], raw[positions])  # OREAL: read where the policy's logit for it is
+    rm.reads = "following"
+    torch.testing.assert_close(rm(batch)[positions], raw[positions + 1])  # the option: read at t+1, after the token
     assert not hasattr(rm.lm.lm_head, "weight")  # the vocabulary projection is dropped
 
 
 def test_token_rm_learns_the_outcome(tiny_lm_factory):
     from oreal.algorithms.token_rm import TokenRewardModel, sequence_mean_scores, token_rm_loss
 
-    rm = TokenRewardModel(tiny_lm_factory())
+    rm = TokenRewardModel(tiny_lm_factory(), head_init="zero")
     batch = _batch(sequences=8)
     loss, logits, real = token_rm_loss(rm(batch), batch, num_sequences=torch.tensor(8.0))
     assert loss.item() == pytest.approx(math.log(2), rel=1e-6) and real.all()

@@ -76,12 +76,12 @@ def test_three_steps_end_to_end(runs):
     assert step2["policy/updated"] == 1.0 and step2["time/sync"] > 0 and step2["lr/policy"] > 0
     assert math.isfinite(_number(step2["grad_norm/policy"])) and step2["faults/skipped_steps"] == 0
     # Step 3's policy loss is made NaN (--debug.nonfinite_at_step 3): the update is skipped and counted,
-    # nothing is synced, and the token RM still trains.
-    if step3["filter/kept_samples"] > 0:
-        assert math.isnan(_number(step3["loss/total"])) and step3["policy/updated"] == 0.0
-        assert step3["faults/skipped_steps"] == 1 and step3["time/sync"] == 0
-        assert math.isfinite(_number(step3["token_rm/loss"]))
-        assert "skipped the policy update" in runs["logs"]["e2e"]
+    # nothing is synced, and the token RM still trains. The run is seeded: step 3 keeps samples (3 prompts).
+    assert step3["filter/kept_samples"] > 0, "step 3 kept nothing: the poisoned loss was never computed"
+    assert math.isnan(_number(step3["loss/total"])) and step3["policy/updated"] == 0.0
+    assert step3["faults/skipped_steps"] == 1 and step3["time/sync"] == 0
+    assert math.isfinite(_number(step3["token_rm/loss"]))
+    assert "skipped the policy update" in runs["logs"]["e2e"]
     for r in records:
         assert 0 < r["response/length_mean"] <= 16 and r["response/length_max"] <= 16
         assert r["reward/mean"] == pytest.approx(2 * r["reward/pass_rate"] - 1)
