@@ -87,8 +87,7 @@ def main(out_path: str) -> None:
     cfg.loss.kl_coef, cfg.loss.pos_coef, cfg.loss.neg_coef = 0.0, 1.0, 0.5
     parts = SimpleNamespace(ctx=ctx, policy=policy, reference=None, object_group=dist.new_group(backend="gloo"),
                             tokenizer=SimpleNamespace(pad_token_id=0))
-    trainer = Trainer.__new__(Trainer)
-    trainer.cfg, trainer.parts, trainer.ctx = cfg, parts, ctx
+    trainer = Trainer(cfg, parts, checkpoints=None)  # no checkpoints are written here
     batches, (pos, neg, _) = trainer.pack(local)
     for b in batches:
         b.rm_scores = torch.randn(b.num_tokens, generator=torch.Generator().manual_seed(b.num_tokens))
