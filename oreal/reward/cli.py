@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from oreal.durable_files import fsync_dir
+
 EXIT_OK, EXIT_IO, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -278,7 +280,7 @@ class _Output:
             return
         self.sink.close()
         os.replace(self.partial, self.path)
-        _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def abandon(self) -> None:
         """After a failure: keep the partial file if it holds any judged row, else remove it."""
@@ -291,18 +293,6 @@ class _Output:
             except OSError:
                 pass
 
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _advance(bar, n: int) -> None:

@@ -41,6 +41,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from oreal.durable_files import fsync_dir
+
 CHECKPOINT_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 BEST_FILE = "best.json"
@@ -243,9 +245,9 @@ class CheckpointManager:
         if _rank() == 0:
             meta = {"step": step, "world_size": _world(), "files": dict(sorted(files.items()))}
             _write_atomically(tmp / META_FILE, json.dumps(meta, indent=1))
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _swap_in(tmp, final)  # a re-save of the same step (after a resume) replaces it whole
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             self._prune(protect=trainer_state.get("best_step"))
         _barrier()
         return final
@@ -379,20 +381,8 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _fsync_dir(path)
+    fsync_dir(path)
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -448,6 +438,6 @@ def export_hf(module: torch.nn.Module, hf_config: Any, tokenizer: Any, out_dir: 
         tokenizer.save_pretrained(tmp)
     _fsync_tree(tmp)
     _swap_in(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     _barrier()
     return out_dir
