@@ -83,7 +83,7 @@ class MathVerifyRunner:
 
 
 def run_oreal(golds, preds, pool):
-    from oreal.reward.judge import judge_batch
+    from oreal.reward.judging import judge_batch
 
     start = time.perf_counter()
     judgements = judge_batch(preds, golds, pool=pool)

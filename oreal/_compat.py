@@ -41,6 +41,8 @@ MOVED = {
     "oreal.tiny_run": "oreal.runtime.tiny_model",
     "oreal.generation": "oreal.rollout.generator",
     "oreal.reward.evaluate": "oreal.reward.numeric_value",
+    # the module shared its name with its main function, so `from oreal.reward import judge` could give either
+    "oreal.reward.judge": "oreal.reward.judging",
     "oreal.plotting": "oreal.demo.plotting",
     "oreal.data.synthetic": "oreal.demo.task",
 }

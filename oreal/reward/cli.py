@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         return EXIT_BAD_INPUT
 
     from oreal.reward.extract import DEFAULT_THINKING_FINISH_WORDS
-    from oreal.reward.judge import judge_batch, summarize
+    from oreal.reward.judging import judge_batch, summarize
     from oreal.reward.verifier import LLMVerifier
     from oreal.reward.worker_pool import JudgePool, WorkerStartError
 
@@ -205,7 +205,7 @@ class _Output:
     every chunk, renamed to `path` at the end. '-' streams to stdout instead."""
 
     def __init__(self, path: str, field: str, resume: bool):
-        from oreal.reward.judge import Judgement
+        from oreal.reward.judging import Judgement
 
         self.path, self.field = path, field
         self.judgements: list = []

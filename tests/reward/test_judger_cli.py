@@ -125,7 +125,7 @@ def test_output_gets_the_usual_permissions(tmp_path):
 
 def _interrupt_at_call(monkeypatch, n):
     """judge_batch raises KeyboardInterrupt (Ctrl-C) at its n-th call; returns the rows each call got."""
-    judge_module = importlib.import_module("oreal.reward.judge")  # (oreal.reward.judge is also the function)
+    judge_module = importlib.import_module("oreal.reward.judging")
     real, calls = judge_module.judge_batch, []
 
     def judge_batch(responses, golds, **kwargs):

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from oreal.reward import JudgePool, judge, judge_batch
-from oreal.reward.judge import Judgement
+from oreal.reward.judging import Judgement
 
 # sympy's solveset spins for minutes on this inequality (measured: > 300 s), in code no signal stops
 HANGS = r"\boxed{x^{100}+x^{37}-3x^{5}+1 > 0}", "(0, 1)"
