@@ -5,6 +5,22 @@ from __future__ import annotations
 import torch
 
 
+def _check_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> None:
+    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
+        raise ValueError(f"rewards and group_ids must be 1-D of one length, got {tuple(rewards.shape)} "
+                         f"and {tuple(group_ids.shape)}")
+
+
+def _grouped(rewards: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Float64 rewards, each sample's group index 0..G-1, and G (for a non-empty batch)."""
+    _, group = torch.unique(group_ids, return_inverse=True)
+    return rewards.double(), group, int(group.max()) + 1
+
+
+def _in_reward_dtype(advantages: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    return advantages.to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
 def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """Leave-one-out advantages, as OREAL's configs use them.
 
@@ -12,21 +28,16 @@ def rloo_advantages(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Ten
     A group of one sample has no baseline and gets advantage 0. Computed over all K samples,
     before any filtering. Returns a float tensor shaped like `rewards`.
     """
-    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
-        raise ValueError(f"rewards and group_ids must be 1-D of one length, got {tuple(rewards.shape)} "
-                         f"and {tuple(group_ids.shape)}")
+    _check_groups(rewards, group_ids)
     if rewards.numel() == 0:
         return rewards.float()
-    r = rewards.double()
-    _, group = torch.unique(group_ids, return_inverse=True)
-    num_groups = int(group.max()) + 1
+    r, group, num_groups = _grouped(rewards, group_ids)
     group_sum = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, group, r)
     group_size = torch.zeros(num_groups, dtype=torch.float64, device=r.device).index_add_(0, group, torch.ones_like(r))
     others = group_size[group] - 1
     baseline = (group_sum[group] - r) / others.clamp(min=1)
     advantages = torch.where(others > 0, r - baseline, 0.0)
-    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
-    return advantages.to(out_dtype)
+    return _in_reward_dtype(advantages, rewards)
 
 
 def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -35,14 +46,10 @@ def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, 
     The standard deviation is the unbiased one over the group (as DeepSeekMath's GRPO and RLinf
     use it); a group whose rewards are all equal gets advantage 0, as does a group of one.
     """
-    if rewards.dim() != 1 or group_ids.shape != rewards.shape:
-        raise ValueError(f"rewards and group_ids must be 1-D of one length, got {tuple(rewards.shape)} "
-                         f"and {tuple(group_ids.shape)}")
+    _check_groups(rewards, group_ids)
     if rewards.numel() == 0:
         return rewards.float()
-    r = rewards.double()
-    _, group = torch.unique(group_ids, return_inverse=True)
-    num_groups = int(group.max()) + 1
+    r, group, num_groups = _grouped(rewards, group_ids)
     zeros = torch.zeros(num_groups, dtype=torch.float64, device=r.device)
     size = zeros.clone().index_add_(0, group, torch.ones_like(r))
     mean = zeros.clone().index_add_(0, group, r) / size
@@ -50,8 +57,7 @@ def group_normalized_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, 
     variance = zeros.clone().index_add_(0, group, centred**2) / (size - 1).clamp(min=1)
     std = variance.sqrt()[group]
     advantages = torch.where(size[group] > 1, centred / (std + eps), 0.0)
-    out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
-    return advantages.to(out_dtype)
+    return _in_reward_dtype(advantages, rewards)
 
 
 def gae_advantages(token_rewards: torch.Tensor, values: torch.Tensor, labels: torch.Tensor,
