@@ -38,7 +38,9 @@ class Launch:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                    "--master_port", str(free_port()), "-m", "oreal.train", "--config", str(config),
                    "--output-dir", str(output_dir), "--log.progress_bar", "false", *args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        # One thread per rank whatever the load: resumed runs must reproduce uninterrupted ones bit for bit
+        # (see oreal.runtime.budget.explicit_threads).
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OREAL_CPU_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)

@@ -69,10 +69,34 @@ def local_world_size() -> int:
     return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def explicit_threads() -> int:
+    """The intra-op thread count the user chose for each trainer rank, 0 if none: `OREAL_CPU_THREADS`, or
+    `OMP_NUM_THREADS` outside torchrun. Under torchrun `OMP_NUM_THREADS=1` is what torchrun itself sets when
+    the launcher's environment has none (torch/distributed/run.py), so there it cannot tell a choice from a
+    default and only `OREAL_CPU_THREADS` counts.
+
+    Why a choice must win over the derived count: the derived count follows the machine's load, and CPU
+    reductions split across a different number of threads round differently, so a resumed run (started at
+    another load) would no longer reproduce the uninterrupted one bit for bit.
+    """
+    for name in ("OREAL_CPU_THREADS",) if "TORCHELASTIC_RUN_ID" in os.environ else ("OREAL_CPU_THREADS",
+                                                                                      "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            try:
+                threads = int(value)
+            except ValueError:
+                raise ValueError(f"{name}={value!r}: expected a whole number of threads") from None
+            if threads < 1:
+                raise ValueError(f"{name}={value!r}: expected at least 1 thread")
+            return threads
+    return 0
+
+
 def rank_threads() -> int:
-    """Intra-op threads of one trainer rank on CPU: the node's idle cores shared evenly by its ranks (measured
-    while the ranks start, so they count as busy)."""
-    return max(1, idle_cpus(own_busy=local_world_size()) // local_world_size())
+    """Intra-op threads of one trainer rank on CPU: the user's choice (`explicit_threads`), else the node's idle
+    cores shared evenly by its ranks (measured while the ranks start, so they count as busy)."""
+    return explicit_threads() or max(1, idle_cpus(own_busy=local_world_size()) // local_world_size())
 
 
 def engine_threads(configured: int = 0, engines_on_node: int = 1) -> int:

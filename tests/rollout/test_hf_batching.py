@@ -50,9 +50,13 @@ def test_length_buckets_hard_cases():
     assert length_buckets([], rows_per_prompt=8, max_rows=256, new_tokens=48, max_padding=0.25) == []
 
 
-@pytest.fixture(scope="module")
-def backend():
-    return HFBackend(model=tiny_config().to_dict(), seed=int(torch.randint(0, 1 << 16, ()).item()), num_threads=1)
+@pytest.fixture(scope="module", params=["oreal", "transformers"])
+def backend(request):
+    """Both samplers: this package's decode loop (the default) and transformers' `generate` (the fallback)."""
+    backend = HFBackend(model=tiny_config().to_dict(), seed=int(torch.randint(0, 1 << 16, ()).item()), num_threads=1,
+                        decoder=request.param)
+    assert (backend.decode_unsupported is None) == (request.param == "oreal")
+    return backend
 
 
 def random_prompts(rng: random.Random, count: int, max_len: int = 14) -> list[list[int]]:
@@ -60,7 +64,19 @@ def random_prompts(rng: random.Random, count: int, max_len: int = 14) -> list[li
 
 
 def count_generate_calls(backend, monkeypatch) -> list[int]:
+    """The prompts of each call into the sampler (oreal.rollout.decode.decode or `model.generate`)."""
     calls = []
+    if backend.decode_unsupported is None:
+        import oreal.rollout.hf as hf
+
+        inner = hf.decode
+
+        def counted(model, prompts, *args, **kwargs):
+            calls.append(len(prompts))
+            return inner(model, prompts, *args, **kwargs)
+
+        monkeypatch.setattr(hf, "decode", counted)
+        return calls
     inner = backend.model.generate
 
     def counted(*args, **kwargs):
@@ -116,5 +132,7 @@ def test_sampled_batches_return_exactly_n_samples_per_prompt_from_that_prompt(ba
 def test_bad_batching_options_raise(backend):
     with pytest.raises(ValueError, match="max_batch_rows"):
         HFBackend(model=tiny_config().to_dict(), max_batch_rows=0)
+    with pytest.raises(ValueError, match="decoder"):
+        HFBackend(model=tiny_config().to_dict(), decoder="vllm")
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         backend.generate([[1], []], 1, SamplingParams(max_new_tokens=2))

@@ -162,3 +162,44 @@ def test_the_paper_clusters_in_both_placements(name, nodes, ranks_per_node, engi
     else:
         assert len(colocated_groups(world, r.tensor_parallel_size)) == engines
         assert r.gpu_memory_utilization <= 0.8  # room for what the trainer keeps resident while vLLM generates
+
+
+def test_colocated_calls_on_the_main_thread_are_bounded_and_leave_no_trap():
+    """`call_with_timeout` runs the call on the main thread (torch is faster there) with a watchdog: a hung call
+    ends in EngineTimeoutError near its deadline, results and errors pass through, and a deadline that expires
+    as a call returns neither changes its result nor leaves a signal that could kill the process later."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from oreal.rollout import colocated
+    from oreal.rollout.errors import EngineTimeoutError
+
+    assert threading.current_thread() is threading.main_thread()
+    seen = []
+    assert colocated.call_with_timeout(lambda: seen.append(threading.get_ident()) or 7, 5.0, "generate") == 7
+    assert seen == [threading.get_ident()], "the call ran on the caller's (main) thread"
+    start = time.monotonic()
+    with pytest.raises(EngineTimeoutError, match="generate did not finish within 1s"):
+        colocated.call_with_timeout(lambda: time.sleep(60), 1.0, "generate")
+    assert time.monotonic() - start < 10
+    with pytest.raises(ZeroDivisionError):
+        colocated.call_with_timeout(lambda: 1 / 0, 5.0, "generate")
+    for _ in range(20):  # deadlines that expire around the moment the call returns
+        value = None
+        try:
+            value = colocated.call_with_timeout(lambda: time.sleep(0.01) or "done", 0.01, "generate")
+        except EngineTimeoutError:
+            pass
+        assert value in (None, "done")
+    if colocated._WATCHDOG_SIGNAL is not None:  # a stray watchdog signal now is harmless
+        signal.pthread_kill(threading.main_thread().ident, colocated._WATCHDOG_SIGNAL)
+        time.sleep(0.05)
+        assert os.getpid() > 0
+    # off the main thread: the worker-thread form
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(v=colocated.call_with_timeout(lambda: 3, 5.0, "generate")))
+    worker.start()
+    worker.join()
+    assert box == {"v": 3}
