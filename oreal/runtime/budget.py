@@ -79,8 +79,8 @@ def explicit_threads() -> int:
     reductions split across a different number of threads round differently, so a resumed run (started at
     another load) would no longer reproduce the uninterrupted one bit for bit.
     """
-    for name in ("OREAL_CPU_THREADS",) if "TORCHELASTIC_RUN_ID" in os.environ else ("OREAL_CPU_THREADS",
-                                                                                      "OMP_NUM_THREADS"):
+    names = ("OREAL_CPU_THREADS",) if "TORCHELASTIC_RUN_ID" in os.environ else ("OREAL_CPU_THREADS", "OMP_NUM_THREADS")
+    for name in names:
         value = os.environ.get(name, "").strip()
         if value:
             try:
