@@ -18,6 +18,8 @@ What both sides do (printed in full with every run, and stored in the JSON):
     dedicated engine process);
   - `oreal_1p`: `python -m oreal.train --rollout.placement colocated` (one process, a group of one, the
     engine inside it: no launcher, no second interpreter, one copy of the libraries).
+  Both with shared prompts (`train.share_prompts`, the default: each prompt of a micro-batch runs through the
+  model once, its 8 answers attending to it; the same loss and gradients as TRL's 8 whole sequences).
   Step times from its metrics.jsonl (`time/step`, `time/rollout` + `time/judge`, `time/train`, `time/sync`).
 - TRL: `trl.GRPOTrainer` in one process (its default for one CPU machine), `use_cpu`, fp32, torch's
   threads set by the rule this trainer's processes use (`oreal.runtime.budget.idle_cpus`: every core on
@@ -70,7 +72,19 @@ OREAL_OPTIONS = [
     "--policy_optim.lr", str(LEARNING_RATE), "--policy_optim.min_lr", str(LEARNING_RATE),
     "--policy_optim.warmup_steps", "0", "--policy_optim.weight_decay", "0.0",
     "--eval.interval", "0", "--checkpoint.interval", "0", "--checkpoint.export_hf", "false",
+    "--train.share_prompts", "true",  # the default, printed: each prompt runs once per micro-batch
 ]
+
+
+# TRL's GRPOTrainer, configured for the same work per step as OREAL_OPTIONS (printed with every result).
+TRL_OPTIONS = dict(
+    use_cpu=True, bf16=False, fp16=False,
+    per_device_train_batch_size=PROMPTS_PER_STEP * SAMPLES_PER_PROMPT, gradient_accumulation_steps=1,
+    num_generations=SAMPLES_PER_PROMPT, steps_per_generation=1, num_iterations=1,
+    max_completion_length=MAX_NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
+    epsilon=CLIP, loss_type="dapo", learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
+    weight_decay=0.0, warmup_steps=0, logging_steps=1, save_strategy="no",
+    report_to="none", dataloader_num_workers=0, seed=0, disable_tqdm=True)
 
 
 # ----- shared inputs ------------------------------------------------------------------------------
@@ -216,14 +230,7 @@ def trl_main(args) -> None:
         return [1.0 if judge(text, g).correct else -1.0 for text, g in zip(completions, gold)]
 
     model = AutoModelForCausalLM.from_pretrained(inputs["model"], dtype=torch.float32)
-    config = GRPOConfig(
-        output_dir=str(Path(args.out).parent / "trl_output"), use_cpu=True, bf16=False, fp16=False,
-        per_device_train_batch_size=PROMPTS_PER_STEP * SAMPLES_PER_PROMPT, gradient_accumulation_steps=1,
-        num_generations=SAMPLES_PER_PROMPT, steps_per_generation=1, num_iterations=1,
-        max_completion_length=MAX_NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
-        epsilon=CLIP, loss_type="dapo", learning_rate=LEARNING_RATE, lr_scheduler_type="constant",
-        weight_decay=0.0, warmup_steps=0, max_steps=args.steps, logging_steps=1, save_strategy="no",
-        report_to="none", dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    config = GRPOConfig(output_dir=str(Path(args.out).parent / "trl_output"), max_steps=args.steps, **TRL_OPTIONS)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
                           processing_class=tokenizer)
 
@@ -259,6 +266,7 @@ def trl_main(args) -> None:
                                                                        "transformers": transformers.__version__,
                                                                        "torch": torch.__version__},
                                           "torch_threads": torch.get_num_threads()}))
+
 
 
 def trl_command(inputs: dict, out: Path, steps: int) -> list[str]:
@@ -362,7 +370,8 @@ def run(args) -> dict:
             "timed_steps": f"{FIRST_TIMED_STEP}..{args.steps}", "rounds": args.rounds,
             "model": "configs/demo_cpu.py sft_config(): Qwen2, vocab<=512, hidden 128, 4 layers, 4/2 heads, "
                      "intermediate 256, random init (seed 0)"}
-    result = {"rows": rows, "work": work, "oreal_options": OREAL_OPTIONS, "versions": versions(),
+    result = {"rows": rows, "work": work, "oreal_options": OREAL_OPTIONS, "trl_options": TRL_OPTIONS,
+              "versions": versions(),
               "machine": machine(), "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load_average_at_end": list(os.getloadavg())}
     return result
@@ -379,6 +388,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['side']} | {r['median_step_s']:.3f} | {r.get('step_x_trl', float('nan')):.2f} | "
                      f"{r['median_rollout_s']:.3f} | {r['median_train_s']:.3f} | {r['peak_pss_mib']:.0f} | "
                      f"{r.get('pss_x_trl', float('nan')):.2f} | {r['timed_steps']} |")
+    verdicts = [f"{r['side']} {'meets it' if r['meets_target'] else 'does not'}" for r in result["rows"]
+                if "meets_target" in r]
+    if verdicts:
+        lines += ["", "Target (median step <= 0.7x TRL's and peak PSS <= TRL's, in this one run): "
+                  + "; ".join(verdicts) + "."]
     lines += ["", "Runs, in the order they ran (load average = 1-minute, before -> after):", "",
               "| side | round | median step s | peak PSS MiB | processes | load |", "|---|---|---|---|---|---|"]
     runs = sorted(((run["round"], r["side"], run) for r in result["rows"] for run in r["runs"]),
@@ -392,6 +406,10 @@ def markdown(result: dict) -> str:
         lines.append(f"- {side} (round {round_index}): {parts}")
     lines += ["", "This trainer's options (on top of `configs/demo_cpu.py`): `"
               + " ".join(result["oreal_options"]) + "`"]
+    if "trl_options" in result:
+        lines += ["", "TRL's `GRPOConfig` (besides `output_dir` and `max_steps`): `"
+                  + ", ".join(f"{k}={v!r}" for k, v in result["trl_options"].items()) + "`; torch threads: the "
+                  "machine's idle cores (`oreal.runtime.budget.idle_cpus`)"]
     return "\n".join(lines) + "\n"
 
 

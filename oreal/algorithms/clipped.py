@@ -167,7 +167,8 @@ class ClippedUpdateTrainer(BaseTrainer):
         for chunk in chunks:
             batches, report = pack_rollouts([everyone[i] for i in chunk], max_tokens=self.machine_budget()[0],
                                             world_size=ctx.world_size, rank=ctx.rank,
-                                            pad_token_id=self.parts.tokenizer.pad_token_id or 0)
+                                            pad_token_id=self.parts.tokenizer.pad_token_id or 0,
+                                            shared_prompts=self.cfg.train.share_prompts)
             if worst is None or report.largest_over_rank_mean > worst.largest_over_rank_mean:
                 worst = report
             minibatches.append(Minibatch([b.to(ctx.device) for b in batches]))

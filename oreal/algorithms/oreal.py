@@ -161,7 +161,8 @@ class Trainer(BaseTrainer):
             return [], (None, None, None)
         batches, self.packing_report = pack_rollouts(everyone, max_tokens=self.machine_budget()[0],
                                                      world_size=ctx.world_size, rank=ctx.rank,
-                                                     pad_token_id=self.parts.tokenizer.pad_token_id or 0)
+                                                     pad_token_id=self.parts.tokenizer.pad_token_id or 0,
+                                                     shared_prompts=self.cfg.train.share_prompts)
         batches = [b.to(ctx.device) for b in batches]
         local = torch.zeros(3, dtype=torch.float64, device=ctx.device)
         for b in batches:

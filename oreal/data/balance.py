@@ -180,6 +180,17 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
 
 
+def check_lengths(lengths: Sequence[int], max_tokens: int) -> None:
+    """Raises ValueError naming the sequence and the limit when one sequence is empty or alone exceeds
+    `max_tokens`."""
+    for index, n in enumerate(lengths):
+        if n < 1:
+            raise ValueError(f"lengths[{index}]: a sequence needs at least 1 token, got {n}")
+        if n > max_tokens:
+            raise ValueError(f"sequence {index} has {n} tokens, more than the micro-batch token budget "
+                             f"max_tokens={max_tokens}; raise max_tokens or cap prompt + response length")
+
+
 def plan_packing(lengths: Sequence[int], max_tokens: int, *, world_size: int = 1, method: str = "auto",
                  min_micro_batches: int = 1) -> PackingPlan:
     """Balanced micro-batches of at most `max_tokens` tokens, the same number on each of `world_size` ranks.
@@ -192,12 +203,7 @@ def plan_packing(lengths: Sequence[int], max_tokens: int, *, world_size: int = 1
     if method not in METHODS:
         raise ValueError(f"method: unknown balancing method {method!r}; expected one of {METHODS}")
     lengths = [int(n) for n in lengths]
-    for index, n in enumerate(lengths):
-        if n < 1:
-            raise ValueError(f"lengths[{index}]: a sequence needs at least 1 token, got {n}")
-        if n > max_tokens:
-            raise ValueError(f"sequence {index} has {n} tokens, more than the micro-batch token budget "
-                             f"max_tokens={max_tokens}; raise max_tokens or cap prompt + response length")
+    check_lengths(lengths, max_tokens)
     total = sum(lengths)
     per_rank = max(min_micro_batches, math.ceil(total / (world_size * max_tokens)), 1)
     while True:

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field, fields, replace
 import numpy as np
 import torch
 
-from oreal.data.balance import PackingReport, plan_packing
+from oreal.data.balance import PackingReport, check_lengths, plan_packing
+from oreal.data.shared_prompts import SharedPrompts, group_by_prompt, group_units, share_prompts, unit_tokens
 
 IGNORE_INDEX = -100
 SIDE_FIELDS = ("rm_scores", "ref_logprobs", "old_logprobs")
@@ -90,6 +91,8 @@ class PackedBatch:
         rm_scores / ref_logprobs / old_logprobs `[T]` float32 or None, extras: name -> `[T]` float32.
     Host-side metadata (no device sync to read): max_seqlen, seq_lens, prompt_lens, and
     seq_indices (each sequence's index in the list given to `pack_rollouts`; -1 for padding).
+    `shared`: the compact layout in which each distinct prompt runs once (`oreal.data.shared_prompts`),
+    or None: `oreal.model.forward_hidden` runs it and returns hidden states in this (conventional) layout.
     `is_padding`: a stand-in micro-batch (one ignored token) so that every rank runs the same
     number of forwards; it has no action token and adds nothing to the loss.
     """
@@ -109,6 +112,7 @@ class PackedBatch:
     old_logprobs: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     is_padding: bool = False
+    shared: SharedPrompts | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -143,6 +147,8 @@ class PackedBatch:
             if isinstance(value, torch.Tensor):
                 moved[f.name] = value.to(device, non_blocking=non_blocking)
         moved["extras"] = {k: v.to(device, non_blocking=non_blocking) for k, v in self.extras.items()}
+        if self.shared is not None:
+            moved["shared"] = self.shared.to(device, non_blocking=non_blocking)
         return replace(self, **moved)
 
     def unpack(self, values: torch.Tensor) -> list[torch.Tensor]:
@@ -209,8 +215,10 @@ def check_rollouts(rollouts: Sequence[TrainingSample]) -> tuple[list[str], list[
 
 
 def pack_sequences(rollouts: Sequence[TrainingSample], indices: Sequence[int], *, side_fields: Sequence[str] = (),
-                   extras: Sequence[str] = (), pad_token_id: int = 0) -> PackedBatch:
-    """One micro-batch from `rollouts[i] for i in indices` (already validated); padding when empty."""
+                   extras: Sequence[str] = (), pad_token_id: int = 0, shared_prompts: bool = False) -> PackedBatch:
+    """One micro-batch from `rollouts[i] for i in indices` (already validated); padding when empty.
+
+    `shared_prompts`: also build the compact layout (`PackedBatch.shared`) when a prompt occurs twice."""
     if len(indices) == 0:
         return PackedBatch.padding(pad_token_id=pad_token_id, side_fields=side_fields, extras=extras)
     chosen = [rollouts[i] for i in indices]
@@ -249,23 +257,52 @@ def pack_sequences(rollouts: Sequence[TrainingSample], indices: Sequence[int], *
         is_positive=torch.tensor([bool(r.is_positive) for r in chosen], dtype=torch.bool),
         seq_lens=tuple(seq_lens.tolist()), prompt_lens=tuple(prompt_lens.tolist()), seq_indices=tuple(indices),
         extras={name: side([r.extras[name] for r in chosen]) for name in extras},
+        shared=share_prompts([r.prompt_ids for r in chosen], [r.response_ids for r in chosen]) if shared_prompts
+        else None,
         **{name: side([getattr(r, name) for r in chosen]) for name in side_fields})
 
 
 def pack_rollouts(rollouts: Sequence[TrainingSample], *, max_tokens: int, world_size: int = 1, rank: int = 0,
-                  method: str = "auto", min_micro_batches: int = 1,
-                  pad_token_id: int = 0) -> tuple[list[PackedBatch], PackingReport]:
+                  method: str = "auto", min_micro_batches: int = 1, pad_token_id: int = 0,
+                  shared_prompts: bool = False) -> tuple[list[PackedBatch], PackingReport]:
     """This rank's balanced micro-batches of all `rollouts` (the global list, identical on every rank).
 
     Every rank gets the same number of micro-batches (empty slots become `PackedBatch.padding`).
     Returns `(micro_batches, report)`; `report.summary()` is a one-line imbalance summary.
     Raises ValueError when one rollout alone is longer than `max_tokens` (naming the limit).
+
+    `shared_prompts`: each distinct prompt of a micro-batch runs once (`oreal.data.shared_prompts`). The
+    sequences of one prompt are then kept together where the budget and the balance allow, and the
+    budget and the report count tokens as the compact layout holds them.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(f"rank: expected an int in [0, {world_size}), got {rank!r}")
     side_fields, extras = check_rollouts(rollouts)
-    plan = plan_packing([r.num_tokens for r in rollouts], max_tokens, world_size=world_size, method=method,
+    if shared_prompts:
+        rank_batches, report = plan_shared_packing(rollouts, max_tokens, world_size=world_size, method=method,
+                                                   min_micro_batches=min_micro_batches)
+    else:
+        plan = plan_packing([r.num_tokens for r in rollouts], max_tokens, world_size=world_size, method=method,
+                            min_micro_batches=min_micro_batches)
+        rank_batches, report = plan.rank_batches, plan.report()
+    batches = [pack_sequences(rollouts, indices, side_fields=side_fields, extras=extras, pad_token_id=pad_token_id,
+                              shared_prompts=shared_prompts)
+               for indices in rank_batches[rank]]
+    return batches, report
+
+
+def plan_shared_packing(rollouts: Sequence[TrainingSample], max_tokens: int, *, world_size: int, method: str,
+                        min_micro_batches: int) -> tuple[list[list[list[int]]], PackingReport]:
+    """`plan_packing` over units of sequences that share a prompt (`group_units`), weighed by their compact
+    size: (`rank_batches[r][j]`, sequence indices in ascending order; the report, in compact tokens)."""
+    check_lengths([r.num_tokens for r in rollouts], max_tokens)
+    prompt_lens = [len(r.prompt_ids) for r in rollouts]
+    response_lens = [len(r.response_ids) for r in rollouts]
+    groups = group_by_prompt([r.prompt_ids for r in rollouts])
+    units = group_units(prompt_lens, response_lens, groups, max_tokens=max_tokens,
+                        bins=world_size * max(1, min_micro_batches))
+    weights = [unit_tokens(prompt_lens, response_lens, unit) for unit in units]
+    plan = plan_packing(weights, max_tokens, world_size=world_size, method=method,
                         min_micro_batches=min_micro_batches)
-    batches = [pack_sequences(rollouts, indices, side_fields=side_fields, extras=extras, pad_token_id=pad_token_id)
-               for indices in plan.rank_batches[rank]]
-    return batches, plan.report()
+    rank_batches = [[sorted(i for u in batch for i in units[u]) for batch in rank] for rank in plan.rank_batches]
+    return rank_batches, plan.report()

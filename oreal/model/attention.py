@@ -12,6 +12,12 @@ boundary. Three backends do this from the row's sequence lengths, none of them w
 `auto` picks the first backend in that order that can run on the device (and, when known, in the
 compute dtype). flash-attn and xformers are imported only when chosen.
 
+Shared prompts (`oreal.data.shared_prompts`): a segment's queries may attend to more keys than
+themselves (its prompt's, run once for all its answers), gathered by `VarlenMetadata.kv_index`, with
+the causal mask aligned to the bottom right: flash-attn's varlen kernel with separate query and key
+offsets (it aligns `causal` so), xformers' `BlockDiagonalCausalFromBottomRightMask`, and SDPA with
+a boolean bottom-right causal mask per such segment.
+
 Why the SDPA backend runs one call per sequence: a dense block-diagonal mask costs `T^2` bytes
 (1 GiB at 32k tokens) and keeps SDPA off its flash kernels. FlexAttention's document mask would
 be block-sparse, but in torch 2.14 it has no backward on CPU (NotImplementedError, measured), so it
@@ -70,21 +76,48 @@ class VarlenMetadata:
     `cu_seqlens [S+1]` int32, contiguous, on the row's device; `max_seqlen` and `seq_lens` are
     host-side, so no layer needs a device sync. Per-forward objects (xformers' mask) are built on
     first use and cached here, so every layer (and activation-checkpoint recomputation) reuses them.
+
+    Shared prompts (`oreal.data.shared_prompts`): with `kv_index` (`[Tk]` int64, on the row's device),
+    segment i's queries (`seq_lens[i]` rows) attend to the `kv_lens[i]` key rows `kv_index` lists for
+    it, causally aligned to the bottom right (its last query sees all of them). Without it, each
+    segment attends to itself (`kv_lens == seq_lens`).
     """
 
-    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, seq_lens: Sequence[int]):
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, seq_lens: Sequence[int], *,
+                 kv_index: torch.Tensor | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                 kv_lens: Sequence[int] | None = None):
         self.cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
         self.max_seqlen = int(max_seqlen)
         self.seq_lens = tuple(int(n) for n in seq_lens)
         self.num_tokens = sum(self.seq_lens)
+        self.kv_index = kv_index
+        if kv_index is None:
+            self.cu_seqlens_k, self.kv_lens = self.cu_seqlens, self.seq_lens
+        else:
+            self.cu_seqlens_k = cu_seqlens_k.to(torch.int32).contiguous()
+            self.kv_lens = tuple(int(n) for n in kv_lens)
+            if len(self.kv_lens) != len(self.seq_lens) or sum(self.kv_lens) != kv_index.numel() \
+                    or any(k < q for q, k in zip(self.seq_lens, self.kv_lens)):
+                raise ValueError(f"shared-prompt segments: {len(self.seq_lens)} query and {len(self.kv_lens)} key "
+                                 f"lengths over {kv_index.numel()} key rows; each segment needs at least as "
+                                 "many keys as queries")
+        self.max_seqlen_k = max(self.kv_lens, default=0)
         self._xformers_bias = None
 
+    def gather_keys(self, states: torch.Tensor, dim: int) -> torch.Tensor:
+        """Key or value rows, segment after segment: `states` itself without `kv_index`."""
+        return states if self.kv_index is None else states.index_select(dim, self.kv_index)
+
     def xformers_bias(self, device: torch.device):
-        """xformers' `BlockDiagonalCausalMask` for this row on `device`, built once per forward."""
+        """xformers' block-diagonal causal mask for this row on `device`, built once per forward
+        (aligned to the bottom right of each block when keys are shared)."""
         if self._xformers_bias is None:
-            fmha = _xformers_fmha()
-            self._xformers_bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(list(self.seq_lens),
-                                                                                     device=device)
+            bias = _xformers_fmha().attn_bias
+            if self.kv_index is None:
+                self._xformers_bias = bias.BlockDiagonalCausalMask.from_seqlens(list(self.seq_lens), device=device)
+            else:
+                self._xformers_bias = bias.BlockDiagonalCausalFromBottomRightMask.from_seqlens(
+                    list(self.seq_lens), list(self.kv_lens), device=device)
         return self._xformers_bias
 
 
@@ -203,17 +236,32 @@ def _fallback(module, query, key, value, attention_mask, dropout, scaling, kwarg
                                   **kwargs)
 
 
-def sdpa_per_sequence(query, key, value, seq_lens: Sequence[int], dropout: float = 0.0, scaling=None) -> torch.Tensor:
-    """Causal SDPA over each sequence of a packed row on its own: `[1, Hq, T, D]` in, `[1, T, Hq, Dv]` out."""
+def _lower_right_causal(lq: int, lk: int, device: torch.device) -> torch.Tensor:
+    """`[lq, lk]` bool, True where query i may see key j: j <= i + (lk - lq)."""
+    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)
+
+
+def sdpa_per_sequence(query, key, value, seq_lens: Sequence[int], dropout: float = 0.0, scaling=None,
+                      kv_lens: Sequence[int] | None = None) -> torch.Tensor:
+    """Causal SDPA over each sequence of a packed row on its own: `[1, Hq, T, D]` in, `[1, T, Hq, Dv]` out.
+
+    `kv_lens`: key/value hold, per sequence, this many rows (at least as many as its queries), and the
+    causal mask is aligned to the bottom right: a boolean `[Lq, Lk]` mask per such sequence, one sequence's
+    worth of memory. (`torch.nn.attention.bias.causal_lower_right` would say the same, but importing it
+    imports Triton, which must not happen before a test sets TRITON_INTERPRET.)"""
     if key.shape[1] != query.shape[1] and query.device.type == "cuda" and query.dtype not in (torch.float16,
                                                                                               torch.bfloat16):
         # SDPA's memory-efficient CUDA kernel (the fused one that takes fp32) needs as many kv heads as query
         # heads; with fewer, SDPA falls back to its O(L^2)-memory math path. Expanding K/V keeps it fused.
         key, value = _repeat_kv_heads(key, query.shape[1]), _repeat_kv_heads(value, query.shape[1])
     enable_gqa = key.shape[1] != query.shape[1]
-    pieces = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling,
-                                             enable_gqa=enable_gqa).transpose(1, 2)
-              for q, k, v in zip(*(x.split(seq_lens, dim=2) for x in (query, key, value)))]
+    kv_lens = seq_lens if kv_lens is None else kv_lens
+    pieces = []
+    for q, k, v in zip(query.split(seq_lens, dim=2), key.split(kv_lens, dim=2), value.split(kv_lens, dim=2)):
+        lq, lk = q.shape[2], k.shape[2]
+        causal = {"is_causal": True} if lq == lk else {"attn_mask": _lower_right_causal(lq, lk, q.device)}
+        pieces.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, enable_gqa=enable_gqa,
+                                                     **causal).transpose(1, 2))
     return torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0].contiguous()
 
 
@@ -222,7 +270,9 @@ def sdpa_varlen_attention(module, query, key, value, attention_mask, dropout: fl
     if oreal_varlen is None:
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     _check_packed(query, oreal_varlen, sliding_window)
-    return sdpa_per_sequence(query, key, value, oreal_varlen.seq_lens, dropout, scaling), None
+    meta = oreal_varlen
+    key, value = meta.gather_keys(key, 2), meta.gather_keys(value, 2)
+    return sdpa_per_sequence(query, key, value, meta.seq_lens, dropout, scaling, kv_lens=meta.kv_lens), None
 
 
 def flash_varlen_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -232,10 +282,13 @@ def flash_varlen_attention(module, query, key, value, attention_mask, dropout: f
     _check_packed(query, oreal_varlen, sliding_window)
     _check_dtype("flash_attn", query)
     # [T, H, D] views with a unit last stride, as the kernel needs; flash-attn does GQA itself.
+    # With shared prompts the keys are gathered segment by segment; flash-attn aligns `causal` to the
+    # bottom right when a segment has more keys than queries (flash-attn >= 2.1).
+    meta = oreal_varlen
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))
-    cu, max_len = oreal_varlen.cu_seqlens, oreal_varlen.max_seqlen
-    out = _flash_varlen_func()(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scaling,
-                               causal=True)
+    k, v = meta.gather_keys(k, 0), meta.gather_keys(v, 0)
+    out = _flash_varlen_func()(q, k, v, meta.cu_seqlens, meta.cu_seqlens_k, meta.max_seqlen, meta.max_seqlen_k,
+                               dropout_p=dropout, softmax_scale=scaling, causal=True)
     return out.unsqueeze(0), None
 
 
@@ -248,8 +301,8 @@ def xformers_varlen_attention(module, query, key, value, attention_mask, dropout
     num_heads = query.shape[1]
     # BMHK [1, T, Hq, D], K/V expanded to the query heads: xformers' 5-D grouped-query form has no backward.
     q = query.transpose(1, 2)
-    k = _repeat_kv_heads(key, num_heads).transpose(1, 2)
-    v = _repeat_kv_heads(value, num_heads).transpose(1, 2)
+    k = _repeat_kv_heads(oreal_varlen.gather_keys(key, 2), num_heads).transpose(1, 2)
+    v = _repeat_kv_heads(oreal_varlen.gather_keys(value, 2), num_heads).transpose(1, 2)
     out = _xformers_fmha().memory_efficient_attention(q, k, v, attn_bias=oreal_varlen.xformers_bias(query.device),
                                                       p=dropout, scale=scaling)
     return out, None

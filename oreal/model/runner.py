@@ -41,7 +41,8 @@ def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
     """Final (normed) hidden states `[T, H]` of a packed micro-batch, differentiable, lm_head not applied.
 
     Each sequence attends only to itself, causally, with positions restarting at 0: the result
-    equals running every sequence alone. The model must use a packed backend
+    equals running every sequence alone. A batch with `shared` runs each distinct prompt once and
+    returns the same rows (`oreal.data.shared_prompts`). The model must use a packed backend
     (`load_causal_lm` or `set_attn_backend`), and the batch must be on the model's device.
     """
     if not isinstance(batch, PackedBatch):
@@ -55,7 +56,14 @@ def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
     if batch.device != device:
         raise ValueError(f"batch: is on {batch.device}, the model on {device}; call batch.to({str(device)!r}) first")
     resolve_backend(backend, device)  # e.g. an sdpa model moved to CUDA is fine; flash on CPU is not
-    meta = VarlenMetadata(batch.cu_seqlens, batch.max_seqlen, batch.seq_lens)
+    shared = batch.shared
+    if shared is None:
+        input_ids, position_ids = batch.input_ids, batch.position_ids
+        meta = VarlenMetadata(batch.cu_seqlens, batch.max_seqlen, batch.seq_lens)
+    else:  # each distinct prompt once (oreal.data.shared_prompts); rows go back to the batch's layout below
+        input_ids, position_ids = shared.input_ids, shared.position_ids
+        meta = VarlenMetadata(shared.cu_seqlens_q, max(shared.q_lens), shared.q_lens, kv_index=shared.kv_index,
+                              cu_seqlens_k=shared.cu_seqlens_k, kv_lens=shared.kv_lens)
 
     captured = {}
 
@@ -68,15 +76,15 @@ def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
         if takes_logits_to_keep:
             handle = backbone.register_forward_hook(keep_output)
             try:
-                model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
+                model(input_ids=input_ids, position_ids=position_ids, use_cache=False,
                       logits_to_keep=torch.empty(0, dtype=torch.long, device=device), oreal_varlen=meta)
             finally:
                 handle.remove()
         else:
-            output = backbone(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-                              oreal_varlen=meta)
+            output = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, oreal_varlen=meta)
             keep_output(backbone, (), output)
-    return captured["hidden"][0]
+    hidden = captured["hidden"][0]
+    return hidden if shared is None else hidden.index_select(0, shared.expand_index)
 
 
 def lm_head_weight(model) -> torch.Tensor:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from oreal.cpu_threads import use_threads
 from oreal.rollout.errors import (
     EngineBrokenError,
     EngineSyncError,
@@ -59,8 +60,9 @@ def call_with_timeout(fn, timeout_s: float, what: str):
     On the main thread (the trainer's loop) `fn` runs right there and a watchdog thread interrupts it when the
     deadline passes, with a signal whose handler raises EngineTimeoutError: a sleep or Python-level loop is
     interrupted at once (PEP 475), a call stuck inside C code when it returns. It runs there, not in a worker
-    thread, because torch's OpenMP operators are slower outside the main thread (measured: the demo's step
-    of generation, 2 threads, 0.34 s on the main thread against 0.50-0.65 s in any other thread). Elsewhere
+    thread, because the main thread holds the process's one OpenMP team (`oreal.cpu_threads`): a second
+    team makes libgomp throttle both (measured: the demo's step of generation, 2 threads, 0.34 s on the main
+    thread against 0.50-0.65 s in another thread). Elsewhere
     (another thread, or no real-time signals) `fn` runs in a daemon thread that is waited for at most
     `timeout_s` and left behind past it.
     """
@@ -68,9 +70,11 @@ def call_with_timeout(fn, timeout_s: float, what: str):
     if _WATCHDOG_SIGNAL is not None and threading.current_thread() is threading.main_thread():
         return _call_on_main_thread(fn, limit, what)
     box: dict = {}
+    threads = torch.get_num_threads()
 
     def run() -> None:
         try:
+            use_threads(threads)  # other threads compute on one (oreal.cpu_threads): this one stands in for the caller
             box["result"] = fn()
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             box["error"] = exc

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from oreal.cpu_threads import use_threads
 from oreal.rollout.decode import DecodedRow, decode, fast_decode_unsupported, use_decode_attention
 from oreal.rollout.errors import EngineSyncError
 from oreal.rollout.plan import ALIGN_BYTES, Bucket, SyncPlan
@@ -96,7 +97,7 @@ class HFBackend:
             raise ValueError(f"decoder must be 'oreal' or 'transformers', got {decoder!r}")
         self.receive = receive
         if num_threads:
-            torch.set_num_threads(num_threads)
+            use_threads(num_threads)  # this thread's, one for the others (oreal.cpu_threads)
         self.model = build_hf_model(model, dtype, device, seed)
         self.device = torch.device(device)
         if max_batch_rows < 1 or not 0 <= max_padding:

@@ -245,6 +245,10 @@ class TrainConfig:
     # token budget of one packed micro-batch (per rank); 0: derived from the model and the free memory
     # (oreal.runtime.budget: a quarter of it for activations)
     micro_batch_tokens: int = 0
+    # each distinct prompt of a micro-batch runs through the model once, its sampled answers attending to
+    # it (oreal.data.shared_prompts): the same hidden states and gradients as running every copy, fewer
+    # tokens; False: every sequence runs whole (the layout of the reference implementations)
+    share_prompts: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
 

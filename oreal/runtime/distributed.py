@@ -51,9 +51,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     else:
         torch_device = torch.device("cpu")
         backend = "gloo"
+        from oreal.cpu_threads import use_threads
         from oreal.runtime.budget import rank_threads
 
-        torch.set_num_threads(rank_threads())  # torchrun's default is 1 whatever the machine; share its cores
+        use_threads(rank_threads())  # torchrun's default is 1 whatever the machine; share its cores
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     mesh = init_device_mesh(torch_device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))

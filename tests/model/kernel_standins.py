@@ -25,6 +25,9 @@ xformers 0.0.35 (`xformers/ops/fmha/__init__.py`, `common.py` `Inputs.validate_i
   the BMGHK (5-D) layout is supported by the forward operators only: no backward operator accepts
   it, so the backward raises NotImplementedError. `BlockDiagonalCausalMask.from_seqlens(q_seqlen,
   kv_seqlen=None, *, device=None)`; each block is causal (top-left aligned, equal q/k lengths).
+  `BlockDiagonalCausalFromBottomRightMask.from_seqlens(q_seqlen, kv_seqlen, *, device=None)`: blocks of
+  their own query and key lengths, causal aligned to the bottom right, which needs at least as many
+  keys as queries in every block (a query would otherwise see no key; xformers raises ValueError).
 
 What the stand-ins do not model (they raise NotImplementedError rather than guess): dropout,
 sliding windows, softcap, ALiBi, paged KV, and attention biases other than the block-diagonal
@@ -145,10 +148,17 @@ class XformersStandIn:
         self.backward_5d_raised = 0
         standin = self
 
+        def starts_of(lengths):
+            starts = [0]
+            for n in lengths:
+                starts.append(starts[-1] + int(n))
+            return starts
+
         class BlockDiagonalCausalMask:
-            def __init__(self, seqstart_py: list[int], device: torch.device):
+            def __init__(self, seqstart_py: list[int], device: torch.device, kv_seqstart_py: list[int] | None = None):
                 self.seqstart_py = seqstart_py
                 self.seqstart = torch.tensor(seqstart_py, dtype=torch.int32, device=device)
+                self.kv_seqstart_py = seqstart_py if kv_seqstart_py is None else kv_seqstart_py
 
             @classmethod
             def from_seqlens(cls, q_seqlen, kv_seqlen=None, *, device=None):
@@ -157,19 +167,31 @@ class XformersStandIn:
                 if device is None:  # xformers' default bias device
                     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
                 standin.masks_built += 1
-                starts = [0]
-                for n in q_seqlen:
-                    starts.append(starts[-1] + int(n))
-                return cls(starts, torch.device(device))
+                return cls(starts_of(q_seqlen), torch.device(device))
+
+        class BlockDiagonalCausalFromBottomRightMask(BlockDiagonalCausalMask):
+            @classmethod
+            def from_seqlens(cls, q_seqlen, kv_seqlen, *, device=None):
+                if len(q_seqlen) != len(kv_seqlen):
+                    raise ValueError("q_seqlen and kv_seqlen must have the same number of blocks")
+                for q, k in zip(q_seqlen, kv_seqlen):
+                    if q > k:
+                        raise ValueError(f"Query sequence length ({q}) is larger than the key sequence length ({k})")
+                if device is None:
+                    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+                standin.masks_built += 1
+                return cls(starts_of(q_seqlen), torch.device(device), starts_of(kv_seqlen))
 
         self.BlockDiagonalCausalMask = BlockDiagonalCausalMask
+        self.BlockDiagonalCausalFromBottomRightMask = BlockDiagonalCausalFromBottomRightMask
 
     def memory_efficient_attention(self, query, key, value, attn_bias=None, p=0.0, scale=None, *, op=None,
                                    output_dtype=None):
         if p != 0.0 or op is not None or output_dtype is not None:
             raise NotImplementedError("xformers stand-in: only p=0, no op, no output_dtype")
         if not isinstance(attn_bias, self.BlockDiagonalCausalMask):
-            raise NotImplementedError("xformers stand-in: only a BlockDiagonalCausalMask bias")
+            raise NotImplementedError("xformers stand-in: only a BlockDiagonalCausalMask or "
+                                      "BlockDiagonalCausalFromBottomRightMask bias")
         qkv = (query, key, value)
         if query.dim() not in (4, 5) or any(x.dim() != query.dim() for x in qkv):
             raise ValueError(f"Query/Key/Value should all have BMGHK or BMHK shape: "
@@ -193,18 +215,18 @@ class XformersStandIn:
                              "please use `expand` yourself")
         if any(x.stride(-1) != 1 for x in qkv):
             raise ValueError("the last dimension of query/key/value must be contiguous (stride 1)")
-        if attn_bias.seqstart_py[-1] != query.shape[1] or attn_bias.seqstart_py[-1] != key.shape[1]:
-            raise ValueError(f"attn_bias covers {attn_bias.seqstart_py[-1]} positions, the inputs "
-                             f"{query.shape[1]} and {key.shape[1]}")
+        if attn_bias.seqstart_py[-1] != query.shape[1] or attn_bias.kv_seqstart_py[-1] != key.shape[1]:
+            raise ValueError(f"attn_bias covers {attn_bias.seqstart_py[-1]} query and {attn_bias.kv_seqstart_py[-1]} "
+                             f"key positions, the inputs {query.shape[1]} and {key.shape[1]}")
         self.calls.append({"shape": tuple(query.shape), "key_shape": tuple(key.shape), "dtype": query.dtype,
                            "requires_grad": any(x.requires_grad for x in qkv)})
 
         five_d = query.dim() == 5
         flat = [x.flatten(2, 3) if five_d else x for x in qkv]  # [1, M, heads, K]
         head_dim = query.shape[-1]
-        starts = attn_bias.seqstart_py
-        pieces = [_causal_attention(*(x[0, a:b] for x in flat), head_dim ** -0.5 if scale is None else scale)
-                  for a, b in pairwise(starts)]
+        scale = head_dim ** -0.5 if scale is None else scale
+        pieces = [_causal_attention(flat[0][0, qa:qb], flat[1][0, ka:kb], flat[2][0, ka:kb], scale)
+                  for (qa, qb), (ka, kb) in zip(pairwise(attn_bias.seqstart_py), pairwise(attn_bias.kv_seqstart_py))]
         out = torch.cat(pieces)[None].to(query.dtype).reshape(*query.shape[:-1], value.shape[-1])
         if five_d and out.requires_grad:
             def no_backward(grad):
@@ -223,6 +245,8 @@ class XformersStandIn:
             modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
         modules["xformers"].__version__ = "0.0.35+standin"
         modules["xformers.ops.fmha.attn_bias"].BlockDiagonalCausalMask = self.BlockDiagonalCausalMask
+        modules["xformers.ops.fmha.attn_bias"].BlockDiagonalCausalFromBottomRightMask = \
+            self.BlockDiagonalCausalFromBottomRightMask
         modules["xformers.ops.fmha"].attn_bias = modules["xformers.ops.fmha.attn_bias"]
         modules["xformers.ops.fmha"].memory_efficient_attention = self.memory_efficient_attention
         modules["xformers.ops"].fmha = modules["xformers.ops.fmha"]

@@ -328,3 +328,93 @@ def test_backend_missing_package_is_named(monkeypatch):
     assert "flash_attn is not installed (build it from source against a CUDA torch: pip install flash-attn" \
         in reasons["flash_attn"]
     assert "xformers is not installed (pip install xformers" in reasons["xformers"]
+
+
+# --- shared prompts (oreal.data.shared_prompts) ---------------------------------------------------
+
+
+def shared_and_plain_batches(rng, groups):
+    """`groups`: (prompt length, [response lengths]); every prompt is repeated for its responses and the samples
+    are shuffled. Returns the micro-batch packed with shared prompts and the same sequences packed plainly."""
+    samples = []
+    for prompt_len, response_lens in groups:
+        prompt = rng.integers(0, VOCAB, size=prompt_len)
+        samples += [TrainingSample(prompt, rng.integers(0, VOCAB, size=n), advantage=0.0, is_positive=True)
+                    for n in response_lens]
+    samples = [samples[i] for i in rng.permutation(len(samples))]
+    total = sum(s.num_tokens for s in samples)
+    (shared,), _ = pack_rollouts(samples, max_tokens=total, shared_prompts=True)
+    (plain,), _ = pack_rollouts(samples, max_tokens=total)
+    assert shared.shared is not None and shared.seq_indices == plain.seq_indices
+    assert shared.shared.num_tokens < plain.num_tokens
+    return shared, plain
+
+
+GROUPS = [(7, [5, 0, 12, 1]), (1, [3, 3]), (40, [9]), (2, [30, 1, 17])]
+
+
+@pytest.mark.parametrize("backend, dtype, hidden_tol, grad_tol", [("sdpa", torch.float64, 1e-6, 1e-6),
+                                                                   ("xformers", torch.float32, 1e-5, 1e-4),
+                                                                   ("flash_attn", torch.bfloat16, 2e-2, 5e-2)])
+def test_shared_prompts_match_float64_per_sequence_model(standins, backend, dtype, hidden_tol, grad_tol):
+    """Each distinct prompt runs once (the kernel sees only the compact rows, keys gathered per segment), and the
+    hidden states of every sequence and the parameter gradients match each sequence run alone in float64.
+    Prompts of 1 to 40 tokens, empty and one-token answers, a prompt with one answer, shuffled order."""
+    flash, xformers = standins
+    torch.manual_seed(21)
+    model = load_causal_lm(tiny_qwen2_config(VOCAB, num_layers=2, num_heads=6, num_kv_heads=2, hidden_size=48),
+                           dtype=dtype, attn_backend=backend)
+    shared, plain = shared_and_plain_batches(np.random.default_rng(22), GROUPS)
+    probe = torch.randn(plain.num_tokens, model.config.hidden_size, dtype=torch.float64 if dtype == torch.float64
+                        else torch.float32)
+    hidden, grads = packed_forward_backward(model, shared, probe)
+    compact = shared.shared.num_tokens
+    if backend == "flash_attn":
+        assert [c["shape"][0] for c in flash.calls] == [compact, compact]
+    if backend == "xformers":
+        assert [c["shape"][1] for c in xformers.calls] == [compact, compact] and xformers.masks_built == 1
+        assert all(c["key_shape"][1] == int(shared.shared.kv_index.numel()) for c in xformers.calls)
+
+    reference_hidden, reference_grads = per_sequence_reference(model, plain, probe)
+    assert relative_error(hidden, reference_hidden) < hidden_tol
+    assert set(grads) == set(reference_grads)
+    for name, grad in grads.items():
+        assert relative_error(grad, reference_grads[name]) < grad_tol, name
+
+
+@pytest.mark.parametrize("backend, dtype, tolerance", [("sdpa", torch.float64, 1e-12), ("sdpa", torch.float32, 1e-5),
+                                                       ("xformers", torch.float32, 1e-5),
+                                                       ("flash_attn", torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("q_heads, kv_heads", [(6, 2), (4, 4), (5, 1)])
+def test_attention_function_with_shared_keys_matches_float64_reference(standins, backend, dtype, tolerance, q_heads,
+                                                                       kv_heads):
+    """Compact rows in, segments with gathered keys and bottom-right causal masks: the output, spread back to
+    every sequence, and the gradients of the compact q/k/v equal the per-sequence reference on the full rows."""
+    rng = np.random.default_rng(q_heads * 10 + kv_heads)
+    shared, plain = shared_and_plain_batches(rng, GROUPS)
+    layout = shared.shared
+    meta = attention.VarlenMetadata(layout.cu_seqlens_q, max(layout.q_lens), layout.q_lens, kv_index=layout.kv_index,
+                                    cu_seqlens_k=layout.cu_seqlens_k, kv_lens=layout.kv_lens)
+    compact, head_dim, scale = layout.num_tokens, 16, float(rng.uniform(0.1, 0.5))
+    q = torch.randn(1, q_heads, compact, head_dim, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, kv_heads, compact, head_dim, dtype=dtype, requires_grad=True) for _ in range(2))
+    out, _ = attention.ATTENTION_FUNCTIONS[backend](None, q, k, v, None, scaling=scale, oreal_varlen=meta)
+    assert out.shape == (1, compact, q_heads, head_dim)
+    spread = out[0].index_select(0, layout.expand_index)
+
+    flat = lambda x: x.detach()[0].transpose(0, 1)
+    q64, k64, v64 = (flat(x).double().requires_grad_() for x in (q, k, v))
+    expected = reference_attention(*(x.index_select(0, layout.expand_index) for x in (q64, k64, v64)),
+                                   plain.seq_lens, scale)
+    assert relative_error(spread.detach(), expected) < tolerance
+    cotangent = torch.randn_like(expected)
+    spread.backward(cotangent.to(dtype))
+    expected.backward(cotangent)
+    for got, want in ((q, q64), (k, k64), (v, v64)):
+        assert relative_error(flat(got.grad), want.grad) < 4 * tolerance
+
+
+def test_shared_keys_need_as_many_keys_as_queries():
+    with pytest.raises(ValueError, match="each segment needs at least as many keys as queries"):
+        attention.VarlenMetadata(torch.tensor([0, 3]), 3, (3,), kv_index=torch.arange(2),
+                                 cu_seqlens_k=torch.tensor([0, 2]), kv_lens=(2,))

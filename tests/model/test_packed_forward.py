@@ -234,3 +234,58 @@ def test_activation_checkpointing_keeps_gradients():
     assert plain.keys() == checkpointed.keys() and plain
     for name, grad in plain.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def float64_rms_norm(self, hidden_states):
+    """RMSNorm in the input's own dtype: transformers' Qwen2/Llama norms round to float32 inside, which makes a
+    float64 model agree only to float32 rounding wherever two layouts sum the same gradients in another order."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+@pytest.mark.parametrize("config", [tiny_qwen2_config, tiny_llama_config])
+def test_shared_prompts_equal_the_plain_layout_in_float64(monkeypatch, config):
+    """Must show (issue 17, shared prompts): the GRPO loss over a micro-batch whose prompts run once equals, in
+    value and in every parameter gradient, the loss over every sequence run whole, to float64 rounding; fresh
+    random groups (prompts of 1 to 60 tokens, 1 to 9 answers of 0 to 50 tokens, shuffled)."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2 import modeling_qwen2
+
+    monkeypatch.setattr(modeling_qwen2.Qwen2RMSNorm, "forward", float64_rms_norm)
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", float64_rms_norm)
+    seed = int(np.random.default_rng().integers(1 << 30))
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model = load_causal_lm(config(VOCAB, num_kv_heads=2), dtype=torch.float64, attn_backend="sdpa")
+    samples = []
+    for _ in range(int(rng.integers(2, 6))):
+        prompt = rng.integers(0, VOCAB, size=int(rng.integers(1, 61)))
+        samples += [TrainingSample(prompt, rng.integers(0, VOCAB, size=int(rng.integers(0, 51))),
+                                   advantage=float(rng.normal()))
+                    for _ in range(int(rng.integers(1, 10)))]
+    samples = [samples[i] for i in rng.permutation(len(samples))]
+    samples[0] = TrainingSample(samples[0].prompt_ids, rng.integers(0, VOCAB, size=5), advantage=1.0)  # some action
+    total = sum(s.num_tokens for s in samples)
+
+    def loss_and_grads(shared_prompts):
+        (batch,), _ = pack_rollouts(samples, max_tokens=total, shared_prompts=shared_prompts)
+        model.zero_grad()
+        hidden = forward_hidden(model, batch)
+        logprobs = torch.zeros(batch.num_tokens, dtype=torch.float32)
+        out = oreal.fused_policy_loss(hidden, lm_head_weight(model), batch.labels, batch.cu_seqlens, batch.advantages,
+                                      logprobs, backend="torch")
+        out.loss.backward()
+        return batch, hidden.detach(), out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                           if p.grad is not None}
+
+    shared, shared_hidden, shared_loss, shared_grads = loss_and_grads(True)
+    plain, plain_hidden, plain_loss, plain_grads = loss_and_grads(False)
+    repeated = len(samples) - len({s.prompt_ids.tobytes() for s in samples})
+    if repeated:
+        assert shared.shared is not None and shared.shared.num_tokens < plain.num_tokens, seed
+    torch.testing.assert_close(shared_hidden, plain_hidden, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+    torch.testing.assert_close(shared_loss, plain_loss, rtol=1e-12, atol=1e-12, msg=f"seed {seed}")
+    assert shared_grads.keys() == plain_grads.keys()
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-10, atol=1e-12, msg=f"{name}, seed {seed}")
+    assert any(g.abs().max() > 0 for g in shared_grads.values())

@@ -17,7 +17,9 @@ SEED = random.randrange(1 << 30)
 
 def reference_processed(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """float64, one row at a time, by the definition: scale, keep the k largest (ties at the k-th kept), then the
-    smallest most-likely set whose mass reaches top_p (sorted descending; the first token always kept)."""
+    smallest most-likely set whose mass reaches top_p (sorted descending; the first token always kept). top_p 1
+    keeps every token, as transformers (no top-p warper at 1.0): summed in float64, a confident row's mass
+    reaches 1.0 before its negligible tokens, which a literal reading would then drop."""
     out = torch.full(logits.shape, float("-inf"), dtype=torch.float64)
     for r, row in enumerate(logits.double() / temperature):
         keep = torch.ones_like(row, dtype=torch.bool)
@@ -28,7 +30,7 @@ def reference_processed(logits: torch.Tensor, temperature: float, top_k: int, to
         order = torch.argsort(probs, descending=True, stable=True)
         mass, kept = 0.0, torch.zeros_like(keep)
         for i in order.tolist():
-            if mass >= top_p and kept.any():
+            if top_p < 1.0 and mass >= top_p and kept.any():
                 break
             kept[i] = probs[i] > 0
             mass += float(probs[i])
