@@ -1,10 +1,11 @@
-"""Rollout placement benchmark: dedicated engines (1, 2, 4) vs colocated, and a paper model of the GPU case.
+"""Rollout benchmark: dedicated engines (1, 2, 4) vs colocated, the engine's samplers, and a paper model of the GPU case.
 
-    python -m benchmarks.bench_rollout --json OUT.json     # all three parts, JSON rows
+    python -m benchmarks.bench_rollout --json OUT.json     # all four parts, JSON rows
     python -m benchmarks.bench_rollout --save              # also benchmarks/results/rollout.{json,md}
     python -m benchmarks.bench_rollout --only model        # the paper model alone (instant)
+    python -m benchmarks.bench_rollout --only decode --save  # the engine's two samplers (~1 minute)
 
-Three parts, each a list of rows:
+Four parts, each a list of rows:
 
 - `steps` (measured): `torchrun --nproc_per_node 2 -m oreal.train --config configs/tiny_cpu.py` with a
   larger tiny model and longer responses (`STEP_OPTIONS`), in each placement: dedicated with 1, 2 and 4
@@ -14,6 +15,11 @@ Three parts, each a list of rows:
   broadcasts `--transport-mib` MiB in 8 buckets to E receiver processes over gloo, either through one
   two-party group per receiver with the E broadcasts of a bucket in flight together ("per_engine"), or
   through one group of 1 + E ranks ("one_group"). Rows: seconds (median of 3), GB/s of payload.
+- `decode` (measured): the transformers engine's two samplers on the demo's model shape (Qwen2, vocab 512,
+  hidden 128, 4 layers, 4/2 heads, intermediate 256, random weights, fp32) and the demo's step (16 prompts
+  of 45 tokens x 8 samples x 48 new tokens at temperature 1, no stop token, so every row runs to the end):
+  `HFBackend(decoder="oreal")` (oreal/rollout/decode.py) against `decoder="transformers"`
+  (`model.generate`), alternating in one process. Rows: seconds (median of `--decode-repeats`), tokens/s.
 - `model` (computed, no measurement): the expected rollout time of one OREAL-7B step on the paper's
   cluster (4 nodes x 8 H100) in each placement, from a decode roofline calibrated on vLLM's published
   throughput; every assumption is printed with the result and stored in the rows.
@@ -128,6 +134,49 @@ def transport_receiver(argv: list[str]) -> None:
     buf = torch.empty(nbytes, dtype=torch.uint8)
     for _ in range(repeats * buckets):
         pg.broadcast(buf, 0).wait()
+
+
+DECODE_SHAPE = {"prompts": 16, "prompt_tokens": 45, "samples": 8, "new_tokens": 48}
+
+
+def run_decode(repeats: int = 5, threads: int = 0) -> list[dict]:
+    """Both samplers of the transformers engine on the same weights and prompts, alternating (see the docstring),
+    with `threads` torch threads (0: every usable core; the row records the load average beside it)."""
+    import torch
+
+    from oreal.model.tiny import tiny_qwen2_config
+    from oreal.rollout.hf import HFBackend
+    from oreal.rollout.types import SamplingParams
+    from oreal.runtime.budget import usable_cpus
+
+    config = tiny_qwen2_config(512, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                               intermediate_size=256).to_dict()
+    threads = threads or usable_cpus()
+    backends = {name: HFBackend(model=config, seed=0, num_threads=threads, decoder=name)
+                for name in ("oreal", "transformers")}
+    shape = DECODE_SHAPE
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, 512) for _ in range(shape["prompt_tokens"])] for _ in range(shape["prompts"])]
+    sampling = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=shape["new_tokens"], seed=0)
+    times: dict[str, list[float]] = {name: [] for name in backends}
+    for _ in range(repeats + 1):  # the first round warms up
+        for name, backend in backends.items():
+            start = time.perf_counter()
+            rollouts = backend.generate(prompts, shape["samples"], sampling)
+            times[name].append(time.perf_counter() - start)
+            tokens = sum(len(r.token_ids) for r in rollouts)
+    rows = []
+    for name in backends:
+        seconds = statistics.median(times[name][1:])
+        rows.append({"part": "decode", "decoder": name, "seconds": round(seconds, 3),
+                     "tokens_per_s": round(tokens / seconds), "new_tokens": tokens, "threads": threads,
+                     "repeats": repeats, **shape, "torch_threads_after": torch.get_num_threads()})
+    base = rows[1]["seconds"]
+    for row in rows:
+        row["vs_transformers"] = round(row["seconds"] / base, 2)
+        print(f"  decode[{row['decoder']}]: {row['seconds']} s ({row['tokens_per_s']:,} tok/s, "
+              f"{row['vs_transformers']}x model.generate)")
+    return rows
 
 
 def run_transport(total_mib: int, repeats: int = 5) -> list[dict]:
@@ -312,6 +361,15 @@ def markdown(rows: list[dict], env: dict) -> str:
         out += [f"| {r['engines']} | {r['mode']} | {r['seconds']} | {r['gbps_per_engine']} | {r['vs_per_engine']} |"
                 for r in transport]
         out.append("")
+    decode = [r for r in rows if r["part"] == "decode"]
+    if decode:
+        d = decode[0]
+        out += [f"## The transformers engine's samplers: {d['prompts']} prompts of {d['prompt_tokens']} tokens x "
+                f"{d['samples']} samples x {d['new_tokens']} new tokens (median of {d['repeats']}, {d['threads']} "
+                "threads)", "", when(decode), "",
+                "| decoder | seconds | new tokens/s | x model.generate |", "|---|---|---|---|"]
+        out += [f"| {r['decoder']} | {r['seconds']} | {r['tokens_per_s']:,} | {r['vs_transformers']} |" for r in decode]
+        out.append("")
     model = [r for r in rows if r["part"] == "model"]
     if model:
         out += ["## Paper model: one OREAL-7B step on 4 nodes × 8 H100 (computed, not measured)", "",
@@ -332,12 +390,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--save", action="store_true", help="also write benchmarks/results/rollout.{json,md}")
-    parser.add_argument("--only", choices=("steps", "transport", "model"), action="append",
+    parser.add_argument("--only", choices=("steps", "transport", "decode", "model"), action="append",
                         help="run only these parts (repeatable)")
     parser.add_argument("--steps", type=int, default=5, help="training steps per placement (the first is untimed)")
     parser.add_argument("--transport-mib", type=int, default=256)
+    parser.add_argument("--decode-repeats", type=int, default=5)
+    parser.add_argument("--decode-threads", type=int, default=0, help="torch threads for the decode part (0: all cores)")
     args = parser.parse_args(argv)
-    parts = args.only or ["steps", "transport", "model"]
+    parts = args.only or ["steps", "transport", "decode", "model"]
     env = _environment()
     rows: list[dict] = []
     if "steps" in parts:
@@ -345,6 +405,8 @@ def main(argv=None) -> int:
             rows += run_steps(args.steps, Path(tmp))
     if "transport" in parts:
         rows += run_transport(args.transport_mib)
+    if "decode" in parts:
+        rows += run_decode(args.decode_repeats, args.decode_threads)
     if "model" in parts:
         model = paper_model()
         print_model(model)
@@ -353,7 +415,7 @@ def main(argv=None) -> int:
     if args.save and args.only and (RESULTS / "rollout.json").exists():  # keep the parts not re-run
         kept = [r for r in json.loads((RESULTS / "rollout.json").read_text()) if r["part"] not in parts]
         rows = kept + rows
-        rows.sort(key=lambda r: ["steps", "transport", "model"].index(r["part"]))
+        rows.sort(key=lambda r: ["steps", "transport", "decode", "model"].index(r["part"]))
     text = json.dumps(rows, indent=1)
     if args.json:
         Path(args.json).write_text(text)
