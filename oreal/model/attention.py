@@ -67,6 +67,32 @@ _INSTALL_HINTS = {"flash_attn": "build it from source against a CUDA torch: "
                                 "pip install flash-attn --no-build-isolation",
                   "xformers": "pip install xformers (a wheel matching your torch)"}
 
+class _GatherRows(torch.autograd.Function):
+    """`source.index_select(dim, index)` whose backward sums the gradients of repeated rows in fp32."""
+
+    @staticmethod
+    def forward(ctx, source, dim, index):
+        ctx.dim, ctx.shape, ctx.dtype = dim, source.shape, source.dtype
+        ctx.save_for_backward(index)
+        return source.index_select(dim, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        summed = torch.zeros(ctx.shape, dtype=torch.float32, device=grad.device)
+        return summed.index_add_(ctx.dim, index, grad.float()).to(ctx.dtype), None, None
+
+
+def gather_rows(source: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """`source.index_select(dim, index)`, for indices that repeat rows (a shared prompt's keys, values and hidden
+    states, read by every answer). Its gradient sums the repeats; in fp16/bf16 that sum is taken in fp32 and
+    rounded once, as the plain layout's weight gradients (fp32-accumulated matmuls over every copy) would: on
+    CUDA, `index_select`'s own backward adds the repeats one atomic half-precision add at a time."""
+    if source.requires_grad and source.dtype in (torch.float16, torch.bfloat16):
+        return _GatherRows.apply(source, dim, index)
+    return source.index_select(dim, index)
+
+
 _PACKED: contextvars.ContextVar[VarlenMetadata | None] = contextvars.ContextVar("oreal_packed", default=None)
 
 
@@ -106,7 +132,7 @@ class VarlenMetadata:
 
     def gather_keys(self, states: torch.Tensor, dim: int) -> torch.Tensor:
         """Key or value rows, segment after segment: `states` itself without `kv_index`."""
-        return states if self.kv_index is None else states.index_select(dim, self.kv_index)
+        return states if self.kv_index is None else gather_rows(states, dim, self.kv_index)
 
     def xformers_bias(self, device: torch.device):
         """xformers' block-diagonal causal mask for this row on `device`, built once per forward

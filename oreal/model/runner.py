@@ -18,7 +18,7 @@ import inspect
 import torch
 
 from oreal.data.packing import PackedBatch
-from oreal.model.attention import VarlenMetadata, packed_forward, resolve_backend
+from oreal.model.attention import VarlenMetadata, gather_rows, packed_forward, resolve_backend
 from oreal.model.loading import attn_backend_of
 
 
@@ -84,7 +84,7 @@ def forward_hidden(model, batch: PackedBatch) -> torch.Tensor:
             output = backbone(input_ids=input_ids, position_ids=position_ids, use_cache=False, oreal_varlen=meta)
             keep_output(backbone, (), output)
     hidden = captured["hidden"][0]
-    return hidden if shared is None else hidden.index_select(0, shared.expand_index)
+    return hidden if shared is None else gather_rows(hidden, 0, shared.expand_index)
 
 
 def lm_head_weight(model) -> torch.Tensor:

@@ -418,3 +418,33 @@ def test_shared_keys_need_as_many_keys_as_queries():
     with pytest.raises(ValueError, match="each segment needs at least as many keys as queries"):
         attention.VarlenMetadata(torch.tensor([0, 3]), 3, (3,), kv_index=torch.arange(2),
                                  cu_seqlens_k=torch.tensor([0, 2]), kv_lens=(2,))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gathered_rows_sum_their_gradients_in_fp32(dtype):
+    """A shared prompt's rows are read by every answer: `gather_rows`' gradient is the fp32 sum of the repeats,
+    rounded once (what the plain layout's fp32-accumulated weight gradients see). A row read 4096 times, with
+    confident-scale gradients (|g| up to ~40) and tiny ones mixed in; the forward is `index_select` itself.
+    (On CPU torch's own `index_select` backward is exact too; on CUDA it adds the repeats by half-precision
+    atomics, which this pins against.)"""
+    gen = torch.Generator().manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    source = torch.randn(3, 5, 64, generator=gen).to(dtype).requires_grad_()
+    index = torch.tensor([1] * 4096 + [0, 2, 1], dtype=torch.long)
+    out = attention.gather_rows(source, 1, index)
+    assert torch.equal(out, source.index_select(1, index))
+    grad = (torch.randn(3, index.numel(), 64, generator=gen) * 40 * (torch.rand(index.numel(), 1, generator=gen) < 0.5)
+            + 1e-3 * torch.randn(3, index.numel(), 64, generator=gen)).to(dtype)
+    out.backward(grad)
+    exact = torch.zeros(3, 5, 64, dtype=torch.float64).index_add_(1, index, grad.double())
+    # one rounding to `dtype` (relative eps) after an fp32 sum of 4096 terms of up to ~40 (absolute ~1e-2)
+    tolerance = dict(rtol=torch.finfo(dtype).eps, atol=0.05)
+    torch.testing.assert_close(source.grad.double(), exact, **tolerance)
+    # what adding the repeats one half-precision add at a time gives (CUDA's atomics) falls outside it
+    atomic = torch.zeros(3, 64, dtype=dtype)
+    for j in (index == 1).nonzero().flatten().tolist():
+        atomic = atomic + grad[:, j]
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(atomic.double(), exact[:, 1], **tolerance)
+    plain = source.detach().requires_grad_()
+    attention.gather_rows(plain.float(), 1, index).backward(grad.float())  # fp32 sources keep index_select
+    assert plain.grad.dtype == dtype and plain.grad.shape == source.shape
