@@ -76,9 +76,10 @@ def group_by_prompt(prompts: Sequence[np.ndarray]) -> list[list[int]]:
     return list(groups.values())
 
 
-def compact_tokens(prompt_len: int, response_lens: Sequence[int]) -> int:
-    """Tokens of one group in the compact layout: the prompt once and every response."""
-    return prompt_len + int(sum(response_lens))
+def unit_tokens(prompt_lens: Sequence[int], response_lens: Sequence[int], unit: Sequence[int]) -> int:
+    """Tokens of sequences sharing one prompt (`unit`, their indices) in the compact layout: the prompt once and
+    every response."""
+    return prompt_lens[unit[0]] + sum(response_lens[i] for i in unit)
 
 
 def group_units(prompt_lens: Sequence[int], response_lens: Sequence[int], groups: Sequence[Sequence[int]], *,
@@ -86,7 +87,7 @@ def group_units(prompt_lens: Sequence[int], response_lens: Sequence[int], groups
     """The groups cut into packing units (lists of sequence indices) whose compact size fits `max_tokens`
     and is at most about `1 / (2 bins)` of the total (so that `bins` ranks x micro-batches can still be
     balanced); a unit is never smaller than one sequence."""
-    total = sum(compact_tokens(prompt_lens[g[0]], [response_lens[i] for i in g]) for g in groups)
+    total = sum(unit_tokens(prompt_lens, response_lens, group) for group in groups)
     cap = min(max_tokens, max(1, -(-total // (2 * max(1, bins)))))
     units = []
     for group in groups:
@@ -100,10 +101,6 @@ def group_units(prompt_lens: Sequence[int], response_lens: Sequence[int], groups
             size += response_lens[index]
         units.append(unit)
     return units
-
-
-def unit_tokens(prompt_lens: Sequence[int], response_lens: Sequence[int], unit: Sequence[int]) -> int:
-    return compact_tokens(prompt_lens[unit[0]], [response_lens[i] for i in unit])
 
 
 def share_prompts(prompts: Sequence[np.ndarray], responses: Sequence[np.ndarray]) -> SharedPrompts | None:
