@@ -7,11 +7,12 @@ manages outnumber the cores, it throttles the spin-wait of every team to ~100 it
 between two operators and must be woken for the next: around every operator of a decode loop.
 gloo's worker threads run parallel copies for the object collectives and FSDP's gathers, so after
 the first training step a 2-core trainer held three managed threads and its engine's generation went
-from 0.41 s to 0.55-0.75 s (measured, the demo's step: 126 voluntary context switches per generation
-before, ~6,900 after). torch hands every new thread the process-wide count of `torch.set_num_threads`
-when it first runs a parallel operator (`at::init_num_threads`), so that count is set to 1 here and
-only the calling thread's own OpenMP and MKL counts (`omp_set_num_threads`, `mkl_set_num_threads_local`,
-both per thread) are set to `n`.
+from 0.41 s to 0.55-0.75 s (measured once while diagnosing it, the demo's step in `bench_step`'s
+one-process layout: 126 voluntary context switches per generation before, ~6,900 after). torch hands
+every new thread the process-wide count of `torch.set_num_threads` when it first runs a parallel
+operator (`at::init_num_threads`), so that count is set to 1 here and only the calling thread's own
+OpenMP and MKL counts (`omp_set_num_threads`, `MKL_Set_Num_Threads_Local`, both per thread) are set
+to `n`.
 
 Consequence: torch operators in other threads run on one thread. The trainer computes on its main
 thread (training, and the colocated engine's generation: `oreal.rollout.colocated.call_with_timeout`);
